@@ -1,0 +1,58 @@
+"""Static checks of the ament_python metadata: what `colcon build` on a ROS 2 install needs."""
+import ast
+import configparser
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def setup_call():
+    tree = ast.parse((ROOT / "setup.py").read_text())
+    call = next(n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "setup")
+    return {k.arg: k.value for k in call.keywords}
+
+
+def test_package_xml_format3_ament_python():
+    root = ET.parse(ROOT / "package.xml").getroot()
+    assert root.tag == "package" and root.get("format") == "3"
+    assert root.findtext("name") == "ros_ot_fusion"
+    for tag in ("version", "description", "maintainer", "license"):
+        assert root.findtext(tag), tag
+    assert root.find("maintainer").get("email")
+    depends = {d.text for d in root.findall("depend")}
+    assert {"rclpy", "sensor_msgs", "std_msgs", "geometry_msgs", "diagnostic_msgs"} <= depends
+    assert root.findall("exec_depend") and root.findall("test_depend")
+    assert root.find("export/build_type").text == "ament_python"
+
+
+def test_setup_py_follows_ament_python_conventions():
+    kw = setup_call()
+    assert ast.literal_eval(kw["name"]) if isinstance(kw["name"], ast.Constant) else True
+    source = (ROOT / "setup.py").read_text()
+    assert 'package_name = "ros_ot_fusion"' in source
+    for entry in ("share/ament_index/resource_index/packages", "resource/{package_name}",
+                  "share/{package_name}", '"package.xml"', "launch/*.launch.py", "config/*"):
+        assert entry in source, entry
+    assert '"ros_ot_fusion.kernels": "kernels"' in source.replace("f\"{package_name}", '"ros_ot_fusion')
+    assert "ros-ot-fusion = ros_ot_fusion.cli:main" in source
+    assert (ROOT / "resource" / "ros_ot_fusion").is_file()
+    cfg = configparser.ConfigParser()
+    cfg.read(ROOT / "setup.cfg")
+    assert cfg["develop"]["script_dir"] == "$base/lib/ros_ot_fusion"
+    assert cfg["install"]["install_scripts"] == "$base/lib/ros_ot_fusion"
+
+
+def test_installed_package_imports_kernels_and_console_script():
+    import importlib.metadata as md
+
+    import ros_ot_fusion.kernels as kernels
+    assert Path(kernels.__file__).resolve().parent == ROOT / "kernels"
+    scripts = {e.name: e.value for e in md.entry_points(group="console_scripts")}
+    assert scripts["ros-ot-fusion"] == "ros_ot_fusion.cli:main"
+
+
+def test_version_agrees():
+    import ros_ot_fusion
+    root = ET.parse(ROOT / "package.xml").getroot()
+    assert root.findtext("version") == ros_ot_fusion.__version__ == ast.literal_eval(setup_call()["version"])
