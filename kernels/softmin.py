@@ -1,0 +1,248 @@
+"""Soft-min (c-transform) of squared Euclidean cost, dense or block-sparse: the one kernel of the solver.
+
+    softmin_i = -eps * log sum_j exp(h_j - |x_i - y_j|^2 / eps)
+
+Every Sinkhorn update is one of these (h_j = log b_j + g_j / eps), and so is every
+initialisation of fine potentials from coarse ones. `barycenter` is the same pass with an
+extra accumulator: the plan-weighted means of values v_j and of the cost (transport of
+colours, barycentric targets, transport cost) without materialising the plan.
+
+Layout. Points are stored transposed, (3, n) float32, and padded to a multiple of `block`
+points; padding carries h = -inf and finite coordinates. Block-sparse calls take a CSR list
+of block pairs, (row_ptr, cols): row block I meets column blocks cols[row_ptr[I]:row_ptr[I+1]].
+
+Numerics. Each program centres its rows and the column tiles on its first row point c, and
+evaluates -C_ij/eps = -(|x'|^2 + |y'|^2 - 2 x'.y')/eps with x' = x - c, y' = y - c: the
+expanded form costs 3 FMAs per pair, and centring keeps it exact to float32 rounding of
+|y'|^2, which for pairs that matter is about C_ij itself (metre-scale coordinates broke the
+un-centred form; see the design notes). Exponentials are base 2 with an online maximum
+(the attention trick), so a pair costs 3 FMA + max + sub + add + one ex2.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+_NEG = -1.0e30          # finite "minus infinity" for running maxima: keeps exp2(a - b) free of NaN
+
+
+@triton.jit
+def _load_tile(Y, H, m_pad, j0, c0, c1, c2, l2e, scale, BLOCK_N: tl.constexpr):
+    cols = j0 + tl.arange(0, BLOCK_N)
+    y0 = tl.load(Y + cols) - c0
+    y1 = tl.load(Y + m_pad + cols) - c1
+    y2 = tl.load(Y + 2 * m_pad + cols) - c2
+    q = tl.load(H + cols) * l2e - scale * (y0 * y0 + y1 * y1 + y2 * y2)
+    return cols, y0, y1, y2, q
+
+
+@triton.jit
+def _softmin_kernel(X, Y, H, OUT, ROW_PTR, COLS, n_pad, m_pad, scale, l2e,
+                    SPARSE: tl.constexpr, BLOCK: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    c0 = tl.load(X + pid * BLOCK_M)
+    c1 = tl.load(X + n_pad + pid * BLOCK_M)
+    c2 = tl.load(X + 2 * n_pad + pid * BLOCK_M)
+    x0 = tl.load(X + rows) - c0
+    x1 = tl.load(X + n_pad + rows) - c1
+    x2 = tl.load(X + 2 * n_pad + rows) - c2
+    a0 = 2.0 * scale * x0
+    a1 = 2.0 * scale * x1
+    a2 = 2.0 * scale * x2
+    m_i = tl.full([BLOCK_M], _NEG, tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    if SPARSE:
+        blk = (pid * BLOCK_M) // BLOCK
+        start = tl.load(ROW_PTR + blk)
+        end = tl.load(ROW_PTR + blk + 1)
+        n_tiles = (end - start) * (BLOCK // BLOCK_N)
+    else:
+        start = 0
+        n_tiles = m_pad // BLOCK_N
+    for t in range(n_tiles):
+        if SPARSE:
+            j0 = tl.load(COLS + start + t // (BLOCK // BLOCK_N)) * BLOCK + (t % (BLOCK // BLOCK_N)) * BLOCK_N
+        else:
+            j0 = t * BLOCK_N
+        cols, y0, y1, y2, q = _load_tile(Y, H, m_pad, j0, c0, c1, c2, l2e, scale, BLOCK_N)
+        s = q[None, :] + a0[:, None] * y0[None, :] + a1[:, None] * y1[None, :] + a2[:, None] * y2[None, :]
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), axis=1)
+        m_i = m_new
+    lse2 = m_i + tl.log2(l_i) - scale * (x0 * x0 + x1 * x1 + x2 * x2)
+    tl.store(OUT + rows, -lse2 / scale)
+
+
+@triton.jit
+def _barycenter_kernel(X, Y, H, V, LSE, MEAN_V, MEAN_C, ROW_PTR, COLS, n_pad, m_pad, scale, l2e,
+                       K: tl.constexpr, KP: tl.constexpr, SPARSE: tl.constexpr, BLOCK: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    c0 = tl.load(X + pid * BLOCK_M)
+    c1 = tl.load(X + n_pad + pid * BLOCK_M)
+    c2 = tl.load(X + 2 * n_pad + pid * BLOCK_M)
+    x0 = tl.load(X + rows) - c0
+    x1 = tl.load(X + n_pad + rows) - c1
+    x2 = tl.load(X + 2 * n_pad + rows) - c2
+    ks = tl.arange(0, KP)
+    m_i = tl.full([BLOCK_M], _NEG, tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc_c = tl.zeros([BLOCK_M], tl.float32)
+    acc_v = tl.zeros([BLOCK_M, KP], tl.float32)
+    if SPARSE:
+        blk = (pid * BLOCK_M) // BLOCK
+        start = tl.load(ROW_PTR + blk)
+        n_tiles = (tl.load(ROW_PTR + blk + 1) - start) * (BLOCK // BLOCK_N)
+    else:
+        start = 0
+        n_tiles = m_pad // BLOCK_N
+    for t in range(n_tiles):
+        if SPARSE:
+            j0 = tl.load(COLS + start + t // (BLOCK // BLOCK_N)) * BLOCK + (t % (BLOCK // BLOCK_N)) * BLOCK_N
+        else:
+            j0 = t * BLOCK_N
+        cols, y0, y1, y2, q = _load_tile(Y, H, m_pad, j0, c0, c1, c2, l2e, scale, BLOCK_N)
+        d0 = x0[:, None] - y0[None, :]
+        d1 = x1[:, None] - y1[None, :]
+        d2 = x2[:, None] - y2[None, :]
+        cost = d0 * d0 + d1 * d1 + d2 * d2            # exact differences: this pass is not hot
+        s = tl.load(H + cols)[None, :] * l2e - scale * cost
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        v = tl.load(V + cols[:, None] * K + ks[None, :], mask=ks[None, :] < K, other=0.0)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc_c = acc_c * alpha + tl.sum(p * cost, axis=1)
+        acc_v = acc_v * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+        m_i = m_new
+    tl.store(LSE + rows, (m_i + tl.log2(l_i)) / l2e)
+    tl.store(MEAN_C + rows, acc_c / l_i)
+    tl.store(MEAN_V + rows[:, None] * K + ks[None, :], acc_v / l_i[:, None], mask=ks[None, :] < K)
+
+
+def _tiles(n_pad: int, block: int) -> tuple[int, int]:
+    """Pinned tile sizes per size class (never autotuned on the hot path).
+
+    Small problems use short row tiles so that every multiprocessor has work.
+    """
+    bm = 128 if n_pad >= 65536 else 64 if n_pad >= 8192 else 32
+    return min(bm, block), min(64, block)
+
+
+def _check(x, y, h, block):
+    assert x.dim() == 2 and x.shape[0] == 3 and y.shape[0] == 3, "points are (3, n)"
+    assert x.shape[1] % block == 0 and y.shape[1] % block == 0, "pad points to the block size"
+    assert h.shape == (y.shape[1],)
+
+
+def softmin_triton(x, y, h, eps: float, pairs=None, block: int = 128, tiles=None):
+    _check(x, y, h, block)
+    n_pad, m_pad = x.shape[1], y.shape[1]
+    bm, bn = tiles or _tiles(n_pad, block)
+    out = torch.empty(n_pad, device=x.device, dtype=torch.float32)
+    row_ptr, cols = pairs if pairs is not None else (out, out)   # unused when dense
+    _softmin_kernel[(n_pad // bm,)](x, y, h, out, row_ptr, cols, n_pad, m_pad, LOG2E / eps, LOG2E,
+                                    SPARSE=pairs is not None, BLOCK=block, BLOCK_M=bm, BLOCK_N=bn,
+                                    num_warps=4 if bm * bn <= 4096 else 8)
+    return out
+
+
+def barycenter_triton(x, y, h, eps: float, v, pairs=None, block: int = 128):
+    _check(x, y, h, block)
+    n_pad, m_pad = x.shape[1], y.shape[1]
+    k = v.shape[1]
+    bm, bn = 32, min(32, block)
+    lse = torch.empty(n_pad, device=x.device, dtype=torch.float32)
+    mean_c = torch.empty_like(lse)
+    mean_v = torch.empty(n_pad, k, device=x.device, dtype=torch.float32)
+    row_ptr, cols = pairs if pairs is not None else (lse, lse)
+    _barycenter_kernel[(n_pad // bm,)](x, y, h, v.contiguous(), lse, mean_v, mean_c, row_ptr, cols,
+                                       n_pad, m_pad, LOG2E / eps, LOG2E, K=k,
+                                       KP=max(16, triton.next_power_of_2(k)),
+                                       SPARSE=pairs is not None, BLOCK=block, BLOCK_M=bm, BLOCK_N=bn)
+    return lse, mean_v, mean_c
+
+
+# ----------------------------------------------------------------------------------------------
+# torch reference: the same functions, same layout, plain tensor code (CPU fallback and tests)
+# ----------------------------------------------------------------------------------------------
+
+def _pair_costs(xb, yb):
+    """(P, B, 3) x (P, B, 3) -> (P, B, B) squared distances, centred on each x block's first point."""
+    c = xb[:, :1, :]
+    xc, yc = xb - c, yb - c
+    return ((xc * xc).sum(-1)[:, :, None] + (yc * yc).sum(-1)[:, None, :]
+            - 2 * torch.bmm(xc, yc.transpose(1, 2))).clamp_min_(0)
+
+
+def _blockwise(x, y, h, eps, pairs, block, v=None, chunk_elems=1 << 22):
+    """Yield per pair-chunk (row blocks, lse over the pair (P, B), [weighted sums]) for the torch path."""
+    n_pad, m_pad = x.shape[1], y.shape[1]
+    xb = x.t().reshape(n_pad // block, block, 3)
+    yb = y.t().reshape(m_pad // block, block, 3)
+    hb = h.reshape(m_pad // block, block)
+    vb = None if v is None else v.reshape(m_pad // block, block, -1)
+    if pairs is None:
+        rows = torch.arange(n_pad // block, device=x.device).repeat_interleave(m_pad // block)
+        cols = torch.arange(m_pad // block, device=x.device).repeat(n_pad // block)
+    else:
+        row_ptr, cols = pairs
+        rows = torch.repeat_interleave(torch.arange(len(row_ptr) - 1, device=x.device),
+                                       (row_ptr[1:] - row_ptr[:-1]).long())
+        cols = cols.long()
+    step = max(1, chunk_elems // (block * block))
+    for s in range(0, len(rows), step):
+        r, c = rows[s:s + step], cols[s:s + step]
+        cost = _pair_costs(xb[r], yb[c])
+        logits = hb[c][:, None, :] - cost / eps                       # (P, B, B)
+        yield r, logits, cost, (None if vb is None else vb[c])
+
+
+def _segment_logsumexp(rows, values, n_blocks):
+    """Combine per-pair log-sums (P, B, ...) into per-row-block log-sums (n_blocks, B, ...)."""
+    shape = (n_blocks,) + values.shape[1:]
+    idx = rows.view(-1, *([1] * (values.dim() - 1))).expand_as(values)
+    peak = torch.full(shape, -torch.inf, dtype=values.dtype, device=values.device)
+    peak.scatter_reduce_(0, idx, values, "amax")
+    safe = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
+    total = torch.zeros(shape, dtype=values.dtype, device=values.device)
+    total.index_add_(0, rows, torch.exp(values - safe[rows]))
+    return safe + torch.log(total)
+
+
+def softmin_torch(x, y, h, eps: float, pairs=None, block: int = 128):
+    _check(x, y, h, block)
+    parts_r, parts_v = [], []
+    for r, logits, _, _ in _blockwise(x, y, h, eps, pairs, block):
+        parts_r.append(r)
+        parts_v.append(torch.logsumexp(logits, dim=2))
+    lse = _segment_logsumexp(torch.cat(parts_r), torch.cat(parts_v), x.shape[1] // block)
+    return -eps * lse.reshape(-1)
+
+
+def barycenter_torch(x, y, h, eps: float, v, pairs=None, block: int = 128):
+    _check(x, y, h, block)
+    nb, k = x.shape[1] // block, v.shape[1]
+    lse = (softmin_torch(x, y, h, eps, pairs, block) / -eps).reshape(nb, block)
+    mean_v = torch.zeros(nb, block, k, dtype=x.dtype, device=x.device)
+    mean_c = torch.zeros(nb, block, dtype=x.dtype, device=x.device)
+    for r, logits, cost, vb in _blockwise(x, y, h, eps, pairs, block, v=v):   # second pass
+        p = torch.exp(logits - lse[r][:, :, None])                  # plan rows, normalised
+        mean_v.index_add_(0, r, torch.bmm(p, vb))
+        mean_c.index_add_(0, r, (p * cost).sum(-1))
+    return lse.reshape(-1), mean_v.reshape(-1, k), mean_c.reshape(-1)
+
+
+def softmin(x, y, h, eps, pairs=None, block=128, backend="torch"):
+    """Dispatch: 'triton' runs the GPU kernel (or Triton's interpreter on CPU tensors)."""
+    return (softmin_triton if backend == "triton" else softmin_torch)(x, y, h, eps, pairs, block)
+
+
+def barycenter(x, y, h, eps, v, pairs=None, block=128, backend="torch"):
+    return (barycenter_triton if backend == "triton" else barycenter_torch)(x, y, h, eps, v, pairs, block)
+

@@ -1,0 +1,102 @@
+"""Point sets as the kernels want them: transposed, padded to whole blocks, optionally Morton-sorted.
+
+Sorting along a Morton (Z-order) curve makes each block of `block` consecutive points a small
+spatial cluster, so a block's bounding box is tight and whole block pairs can be skipped when
+their coupling is negligible (see `prune`).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+_BITS = 21                      # Morton code: 21 bits per axis fit in an int64
+
+
+def _spread_bits(v: torch.Tensor) -> torch.Tensor:
+    """Insert two zero bits between the low 21 bits of v (int64)."""
+    v = v & 0x1FFFFF
+    v = (v | (v << 32)) & 0x1F00000000FFFF
+    v = (v | (v << 16)) & 0x1F0000FF0000FF
+    v = (v | (v << 8)) & 0x100F00F00F00F00F
+    v = (v | (v << 4)) & 0x10C30C30C30C30C3
+    v = (v | (v << 2)) & 0x1249249249249249
+    return v
+
+
+def morton_order(points: torch.Tensor) -> torch.Tensor:
+    """Permutation sorting (n, 3) points along a Z-order curve over their bounding box."""
+    lo = points.min(0).values
+    extent = (points.max(0).values - lo).max().clamp_min(1e-12)
+    q = ((points - lo) * ((2**_BITS - 1) / extent)).long()
+    code = _spread_bits(q[:, 0]) | (_spread_bits(q[:, 1]) << 1) | (_spread_bits(q[:, 2]) << 2)
+    return torch.argsort(code)
+
+
+@dataclass
+class Layout:
+    """A weighted point set laid out for the kernels."""
+
+    pts: torch.Tensor           # (3, n_pad) float32, padded with copies of the last point
+    logw: torch.Tensor          # (n_pad,) log weights, -inf on padding
+    order: torch.Tensor | None  # (n,) original index of each stored point; None: stored as given
+    n: int
+    block: int
+
+    @staticmethod
+    def build(points: torch.Tensor, weights: torch.Tensor | None = None, block: int = 128,
+              sort: bool = True) -> "Layout":
+        """points (n, 3); weights (n,) positive (uniform 1/n if None)."""
+        if points.dim() != 2 or points.shape[1] != 3:
+            raise ValueError(f"points must be (n, 3), got {tuple(points.shape)}")
+        n = points.shape[0]
+        if n == 0:
+            raise ValueError("empty point set")
+        points = points.float()
+        logw = (torch.full((n,), -math.log(n), device=points.device)
+                if weights is None else torch.log(weights.float()))
+        order = morton_order(points) if sort and n > block else None
+        if order is not None:
+            points, logw = points[order], logw[order]
+        pad = -n % block
+        pts = torch.cat([points, points[-1:].expand(pad, 3)]).t().contiguous()
+        logw = torch.cat([logw, logw.new_full((pad,), -torch.inf)]).contiguous()
+        return Layout(pts, logw, order, n, block)
+
+    @property
+    def n_pad(self) -> int:
+        return self.pts.shape[1]
+
+    @property
+    def device(self) -> torch.device:
+        return self.pts.device
+
+    def points(self) -> torch.Tensor:
+        """(n, 3) stored points, in original order."""
+        return self.unpad(self.pts.t())
+
+    def unpad(self, values: torch.Tensor) -> torch.Tensor:
+        """Per-point values in storage order (n_pad, ...) -> original order (n, ...)."""
+        values = values[: self.n]
+        if self.order is None:
+            return values
+        out = torch.empty_like(values)
+        out[self.order] = values
+        return out
+
+    def pad(self, values: torch.Tensor) -> torch.Tensor:
+        """Per-point values in original order (n, ...) -> storage order (n_pad, ...)."""
+        if self.order is not None:
+            values = values[self.order]
+        return torch.cat([values, values[-1:].expand(self.n_pad - self.n, *values.shape[1:])])
+
+    def boxes(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-block bounding boxes (lo, hi), each (n_blocks, 3)."""
+        b = self.pts.reshape(3, -1, self.block)
+        return b.amin(2).t(), b.amax(2).t()
+
+    def block_max(self, values: torch.Tensor) -> torch.Tensor:
+        """Per-block maximum of per-point values (n_pad,), padding excluded."""
+        v = torch.where(torch.isfinite(self.logw), values, torch.full_like(values, -torch.inf))
+        return v.reshape(-1, self.block).amax(1)

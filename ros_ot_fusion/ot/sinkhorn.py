@@ -1,0 +1,224 @@
+"""Log-domain Sinkhorn for squared Euclidean cost, balanced or unbalanced, with eps-scaling.
+
+The plan is  pi_ij = a_i b_j exp((f_i + g_j - C_ij) / eps),  C_ij = |x_i - y_j|^2, and the
+alternating updates are soft-mins (c-transforms), damped by lam = rho / (rho + eps) when the
+marginals are only penalised by rho * KL (unbalanced; rho=None is balanced, lam = 1):
+
+    g_j <- lam * softmin_eps over i of (C_ij - f_i - eps log a_i)
+    f_i <- lam * softmin_eps over j of (C_ij - g_j - eps log b_j)
+
+Stop rule: every `check_every` iterations, the row marginal of the current plan is compared
+with its optimality condition, pi 1 = a exp(-f / rho) (= a when balanced); the columns hold
+exactly after each g update. Both come from the f update itself, so checking costs one small
+reduction and one host sync, never an extra pass.
+
+eps-scaling: a few iterations at geometrically decreasing eps, from the squared diameter down to
+the target, give the potentials their large-scale shape before the slow small-eps iterations.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import torch
+
+from ros_ot_fusion.kernels.softmin import barycenter, softmin
+from ros_ot_fusion.ot.layout import Layout
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    if backend == "auto":
+        return "triton" if device.type == "cuda" else "torch"
+    if backend not in ("torch", "triton"):
+        raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
+    return backend
+
+
+def eps_schedule(eps_start: float, eps: float, scaling: float) -> list[float]:
+    """eps_start, eps_start*scaling, ... while above eps; then eps. Always ends with eps."""
+    if not 0 < scaling < 1:
+        raise ValueError(f"scaling must be in (0, 1), got {scaling}")
+    steps = max(0, math.ceil(math.log(eps / eps_start) / math.log(scaling))) if eps_start > eps else 0
+    return [eps_start * scaling**k for k in range(steps)] + [eps]
+
+
+def damping(eps: float, rho: float | None) -> float:
+    return 1.0 if rho is None else rho / (rho + eps)
+
+
+@dataclass
+class Problem:
+    """Two laid-out point sets, the backend, and (optionally) the block pairs that matter."""
+
+    x: Layout
+    y: Layout
+    backend: str
+    pairs_xy: tuple | None = None      # CSR: x block -> y blocks; None: dense
+    pairs_yx: tuple | None = None      # CSR: y block -> x blocks
+
+    def softmin_x(self, g: torch.Tensor, eps: float) -> torch.Tensor:
+        """softmin over j of (C_ij - g_j - eps log b_j), for every x_i (padded)."""
+        return softmin(self.x.pts, self.y.pts, self.y.logw + g / eps, eps, self.pairs_xy,
+                       self.x.block, self.backend)
+
+    def softmin_y(self, f: torch.Tensor, eps: float) -> torch.Tensor:
+        return softmin(self.y.pts, self.x.pts, self.x.logw + f / eps, eps, self.pairs_yx,
+                       self.y.block, self.backend)
+
+
+def marginal_error(problem: Problem, f: torch.Tensor, f_soft: torch.Tensor, eps: float,
+                   rho: float | None) -> torch.Tensor:
+    """|| pi 1 - a exp(-f/rho) ||_1 for the plan (f, g) whose row soft-min is f_soft (0-d tensor)."""
+    a = problem.x.logw.exp()
+    target = 1.0 if rho is None else torch.exp(-f / rho)
+    return (a * (torch.exp((f - f_soft) / eps) - target).abs()).sum()
+
+
+@dataclass
+class Iterations:
+    """How a run of `iterate` went."""
+
+    iterations: int = 0
+    marginal_error: float = math.inf
+    errors: list = field(default_factory=list)   # (iteration, error) at each check
+
+
+def iterate(problem: Problem, f: torch.Tensor, g: torch.Tensor, eps_steps: list[float], *,
+            rho: float | None, tol: float, max_iter: int, check_every: int = 10,
+            log: Iterations | None = None):
+    """Anneal through eps_steps[:-1] (one iteration each), then iterate at eps_steps[-1] until the
+    marginal error is under tol or max_iter iterations in all. Returns (f, g, Iterations)."""
+    log = log or Iterations()
+    for e in eps_steps[:-1]:
+        if log.iterations >= max_iter:
+            break
+        lam = damping(e, rho)
+        g = lam * problem.softmin_y(f, e)
+        f = lam * problem.softmin_x(g, e)
+        log.iterations += 1
+    eps = eps_steps[-1]
+    lam = damping(eps, rho)
+    since_check = 0
+    while log.iterations < max_iter:
+        g = lam * problem.softmin_y(f, eps)
+        f_soft = problem.softmin_x(g, eps)
+        log.iterations += 1
+        since_check += 1
+        if since_check >= check_every or log.iterations >= max_iter:
+            since_check = 0
+            err = marginal_error(problem, f, f_soft, eps, rho).item()
+            log.marginal_error = err
+            log.errors.append((log.iterations, err))
+            if not math.isfinite(err):
+                raise FloatingPointError(f"Sinkhorn diverged at iteration {log.iterations} (eps={eps:g})")
+            if err < tol:
+                f = lam * f_soft
+                break
+        f = lam * f_soft
+    return f, g, log
+
+
+@dataclass
+class SinkhornResult:
+    """Dual potentials of the entropic plan, and what can be computed from them without the plan."""
+
+    problem: Problem
+    f_pad: torch.Tensor
+    g_pad: torch.Tensor
+    eps: float
+    rho: float | None
+    iterations: int
+    marginal_error: float
+    errors: list = field(default_factory=list)
+
+    @property
+    def f(self) -> torch.Tensor:
+        return self.problem.x.unpad(self.f_pad)
+
+    @property
+    def g(self) -> torch.Tensor:
+        return self.problem.y.unpad(self.g_pad)
+
+    def _barycenter(self, v_pad: torch.Tensor):
+        p = self.problem
+        return barycenter(p.x.pts, p.y.pts, p.y.logw + self.g_pad / self.eps, self.eps, v_pad,
+                          p.pairs_xy, p.x.block, p.backend)
+
+    @cached_property
+    def _rows(self):
+        """(row marginal pi 1, plan-weighted mean cost per row), padded."""
+        lse, _, mean_c = self._barycenter(torch.zeros(self.problem.y.n_pad, 1, device=self.f_pad.device))
+        mass = torch.exp(self.problem.x.logw + self.f_pad / self.eps + lse)
+        return mass, mean_c
+
+    @property
+    def cost(self) -> float:
+        """<pi, C>: transport cost of the entropic plan (no entropy term)."""
+        mass, mean_c = self._rows
+        return float((mass * mean_c).sum())
+
+    def row_mass(self) -> torch.Tensor:
+        """pi 1 (n,): mass each x_i sends; its ratio to a_i is a per-point confidence."""
+        return self.problem.x.unpad(self._rows[0])
+
+    def apply(self, v: torch.Tensor) -> torch.Tensor:
+        """(pi v) / (pi 1): plan-weighted mean of values v (m,) or (m, k) on y, for each x_i."""
+        squeeze = v.dim() == 1
+        v = v.reshape(v.shape[0], -1).float()
+        _, mean_v, _ = self._barycenter(self.problem.y.pad(v).contiguous())
+        out = self.problem.x.unpad(mean_v)
+        return out[:, 0] if squeeze else out
+
+
+def _points(p: torch.Tensor, name: str) -> torch.Tensor:
+    if p.dim() != 2 or p.shape[1] not in (2, 3):
+        raise ValueError(f"{name} must be (n, 2) or (n, 3), got {tuple(p.shape)}")
+    if p.shape[1] == 2:                              # the plane z = 0: same cost
+        p = torch.cat([p, torch.zeros_like(p[:, :1])], 1)
+    return p
+
+
+def _weights(w, n, device, name):
+    if w is None:
+        return None
+    w = torch.as_tensor(w, device=device, dtype=torch.float32)
+    if w.shape != (n,) or not bool((w > 0).all()):
+        raise ValueError(f"{name} must be ({n},) and positive")
+    return w
+
+
+def squared_diameter(x: torch.Tensor, y: torch.Tensor) -> float:
+    both = torch.cat([x.amin(0, keepdim=True), x.amax(0, keepdim=True),
+                      y.amin(0, keepdim=True), y.amax(0, keepdim=True)])
+    return float(((both.amax(0) - both.amin(0)) ** 2).sum())
+
+
+def sinkhorn(x, y, a=None, b=None, *, eps: float, rho: float | None = None, tol: float = 1e-4,
+             max_iter: int = 1000, init=None, backend: str = "auto", eps_start: float | None = None,
+             scaling: float = 0.5, check_every: int = 10, block: int = 64) -> SinkhornResult:
+    """Dense entropic OT between x (n, d) and y (m, d), d = 2 or 3, cost |x - y|^2.
+
+    a, b: positive weights (default uniform; balanced OT needs equal totals). rho: KL marginal
+    penalty (None: balanced). init=(f, g) warm-starts (then eps-scaling starts at eps unless
+    eps_start says otherwise). Returns a SinkhornResult with f, g, cost, iterations,
+    marginal_error and apply(v).
+    """
+    if eps <= 0 or (rho is not None and rho <= 0):
+        raise ValueError("eps and rho must be positive")
+    x, y = _points(x, "x"), _points(y, "y")
+    if y.device != x.device:
+        raise ValueError("x and y must be on one device")
+    problem = Problem(Layout.build(x, _weights(a, len(x), x.device, "a"), block, sort=False),
+                      Layout.build(y, _weights(b, len(y), x.device, "b"), block, sort=False),
+                      resolve_backend(backend, x.device))
+    if init is not None:
+        f, g = (problem.x.pad(init[0].float()), problem.y.pad(init[1].float()))
+        eps_start = eps if eps_start is None else eps_start
+    else:
+        f = torch.zeros(problem.x.n_pad, device=x.device)
+        g = torch.zeros(problem.y.n_pad, device=x.device)
+        eps_start = max(squared_diameter(x, y), eps) if eps_start is None else eps_start
+    f, g, log = iterate(problem, f, g, eps_schedule(eps_start, eps, scaling), rho=rho, tol=tol,
+                        max_iter=max_iter, check_every=check_every)
+    return SinkhornResult(problem, f, g, eps, rho, log.iterations, log.marginal_error, log.errors)
