@@ -96,6 +96,22 @@ class Layout:
         b = self.pts.reshape(3, -1, self.block)
         return b.amin(2).t(), b.amax(2).t()
 
+    @property
+    def extent2(self) -> float:
+        """Largest squared diagonal of a block: bounds the expanded-cost rounding (needs_exact)."""
+        if not hasattr(self, "_extent2"):
+            lo, hi = self.boxes()
+            self._extent2 = float(((hi - lo) ** 2).sum(1).max())
+        return self._extent2
+
+    def rank(self) -> torch.Tensor:
+        """(n,) storage position of each original point (inverse of `order`)."""
+        if self.order is None:
+            return torch.arange(self.n, device=self.device)
+        r = torch.empty_like(self.order)
+        r[self.order] = torch.arange(self.n, device=self.device)
+        return r
+
     def block_max(self, values: torch.Tensor) -> torch.Tensor:
         """Per-block maximum of per-point values (n_pad,), padding excluded."""
         v = torch.where(torch.isfinite(self.logw), values, torch.full_like(values, -torch.inf))

@@ -1,0 +1,238 @@
+"""Multi-scale, coarse-to-fine, block-sparse Sinkhorn, warm-started across frames.
+
+Pyramid. Each level clusters both clouds on a voxel grid (weighted centroids, weights summed);
+sizes shrink by `ratio` from a few clusters across the scene down to about sqrt(eps), and the
+finest level is the input points. The coarsest level is solved densely while eps anneals from
+the squared diameter; a level hands over once eps falls under its voxel size squared (the blur
+at which clusters stop being a faithful summary of their points).
+
+Hand-over. Fine potentials start as soft c-transforms against the coarse level:
+    f_fine(x) = lam * softmin_eps over coarse y of (|x - y|^2 - g_c(y) - eps log b_c(y))
+so each fine point inherits what its neighbourhood learnt, not just its parent's value.
+
+Sparsity. Points are Morton-sorted into blocks; a block pair (I, J) is skipped when no entry in
+it can matter to a row or column soft-min:
+    max_I f/(lam eps) + max_J (log b + g/eps) - dmin(I, J)^2 / eps < -tau   (rows; columns alike)
+where dmin is the gap between the blocks' bounding boxes. At the fixed point f/(lam eps) is
+minus the row's log-sum, so a skipped entry weighs under exp(-tau) of its row. Pairs are
+re-selected at every eps step and every convergence check, as the potentials move.
+
+Warm start. After a solve, `WarmStart` keeps eps and the finest potentials averaged on a voxel
+grid in the fixed sensor frame; the next frame looks its points up there, starts at the final
+eps and skips the pyramid. Points in cells the last frame did not see start from the highest
+potential seen, which keeps every pair they might need.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from ros_ot_fusion.ot.layout import Layout
+from ros_ot_fusion.ot.sinkhorn import (Iterations, Problem, SinkhornResult, damping, eps_schedule,
+                                       iterate, resolve_backend, squared_diameter)
+
+_GRID_BIAS = 1 << 20          # voxel keys: three 21-bit coordinates around a fixed origin
+
+
+def voxel_keys(points: torch.Tensor, size: float) -> torch.Tensor:
+    """int64 key of the voxel (edge `size`, fixed origin) of each (n, 3) point."""
+    q = torch.floor(points / size).long() + _GRID_BIAS
+    if bool(((q < 0) | (q >= 2 * _GRID_BIAS)).any()):
+        raise ValueError(f"points beyond {_GRID_BIAS * size:g} from the origin for voxel {size:g}")
+    return (q[:, 0] << 42) | (q[:, 1] << 21) | q[:, 2]
+
+
+def cluster(points: torch.Tensor, logw: torch.Tensor, size: float):
+    """Voxel-grid clustering: (centroids (k, 3), log weights (k,), cluster of each point (n,))."""
+    keys, parent = torch.unique(voxel_keys(points, size), return_inverse=True)
+    w = torch.exp(logw - logw.max())
+    mass = torch.zeros(len(keys), device=points.device).index_add_(0, parent, w)
+    centroid = torch.zeros(len(keys), 3, device=points.device).index_add_(0, parent, points * w[:, None])
+    return centroid / mass[:, None], torch.log(mass) + logw.max(), parent
+
+
+@dataclass
+class Level:
+    """One side of one pyramid level: its layout and, per stored point, its parent's storage index."""
+
+    layout: Layout
+    parent: torch.Tensor | None = None    # (n_pad,) index into the coarser level's storage
+
+
+def pyramid(points: torch.Tensor, logw: torch.Tensor, sizes: list[float], block: int) -> list[Level]:
+    """Levels coarse -> fine for one cloud; the last is the points themselves."""
+    levels = [Level(Layout.build(points, torch.exp(logw), block))]
+    for size in sorted(sizes):                                       # fine -> coarse
+        child = levels[0].layout
+        pts, lw, parent = cluster(child.pts.t()[: child.n], child.logw[: child.n], size)
+        coarse = Layout.build(pts, torch.exp(lw), block)
+        stored = coarse.rank()[parent]                               # child storage -> coarse storage
+        levels[0].parent = torch.cat([stored, stored[-1:].expand(child.n_pad - child.n)])
+        levels.insert(0, Level(coarse))
+    return levels
+
+
+def block_pairs(x: Layout, y: Layout, f: torch.Tensor, g: torch.Tensor, eps: float, lam: float,
+                tau: float):
+    """The block pairs that can matter, as CSR (x blocks -> y blocks) and its transpose."""
+    lo_x, hi_x = x.boxes()
+    lo_y, hi_y = y.boxes()
+    gap = (lo_y[None] - hi_x[:, None]).clamp_min(0) + (lo_x[:, None] - hi_y[None]).clamp_min(0)
+    d2 = (gap * gap).sum(-1) / eps                                   # (nbx, nby), in units of eps
+    rows = x.block_max(f / (lam * eps))[:, None] + y.block_max(y.logw + g / eps)[None, :]
+    cols = x.block_max(x.logw + f / eps)[:, None] + y.block_max(g / (lam * eps))[None, :]
+    keep = (torch.maximum(rows, cols) - d2) >= -tau
+    nbx, nby = keep.shape           # never leave a block without partners: keep its nearest
+    keep[torch.arange(nbx, device=keep.device), d2.argmin(1)] = True
+    keep[d2.argmin(0), torch.arange(nby, device=keep.device)] = True
+    return _csr(keep), _csr(keep.t()), float(keep.float().mean())
+
+
+def _csr(keep: torch.Tensor):
+    rows, cols = keep.nonzero(as_tuple=True)
+    row_ptr = torch.zeros(keep.shape[0] + 1, dtype=torch.int32, device=keep.device)
+    row_ptr[1:] = torch.cumsum(torch.bincount(rows, minlength=keep.shape[0]), 0)
+    return row_ptr, cols.int()
+
+
+@dataclass
+class WarmStart:
+    """What one frame leaves for the next: eps and the finest potentials on a voxel grid."""
+
+    eps: float
+    size: float
+    x_keys: torch.Tensor
+    f_grid: torch.Tensor
+    y_keys: torch.Tensor
+    g_grid: torch.Tensor
+
+    @staticmethod
+    def from_solution(x: Layout, f: torch.Tensor, y: Layout, g: torch.Tensor, eps: float) -> "WarmStart":
+        size = 2 * math.sqrt(eps)
+
+        def grid(layout, values):
+            keys, inv = torch.unique(voxel_keys(layout.pts.t()[: layout.n], size), return_inverse=True)
+            total = torch.zeros(len(keys), device=values.device).index_add_(0, inv, values[: layout.n])
+            count = torch.zeros(len(keys), device=values.device).index_add_(0, inv, torch.ones_like(total[inv]))
+            return keys, total / count
+        return WarmStart(eps, size, *grid(x, f), *grid(y, g))
+
+    def lookup(self, layout: Layout, keys: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+        """Potential of each stored point of `layout` from the grid (highest value where unseen)."""
+        k = voxel_keys(layout.pts.t(), self.size)
+        pos = torch.searchsorted(keys, k).clamp_max(len(keys) - 1)
+        return torch.where(keys[pos] == k, grid[pos], grid.max())
+
+
+@dataclass
+class MultiscaleResult(SinkhornResult):
+    """A SinkhornResult on the finest level, plus how each level went and the next frame's start."""
+
+    levels: list = field(default_factory=list)   # per level: dict(points, iterations, eps, pairs)
+    warm: WarmStart | None = None
+
+
+class MultiscaleSinkhorn:
+    """Coarse-to-fine block-sparse Sinkhorn between two 3-D clouds (see the module docstring).
+
+    eps: target blur (m^2); rho: KL marginal penalty (None: balanced); tol: marginal error (L1)
+    at which the finest level stops; sizes: voxel sizes coarse -> fine (None: from the data);
+    ratio: size ratio between levels; tau: truncation in units of the log-sum (exp(-tau));
+    block: points per block; dense_blocks: levels with at most this many block pairs run dense;
+    omega: over-relaxation at the final eps (None: the solver's default).
+    """
+
+    def __init__(self, eps: float, rho: float | None = None, tol: float = 1e-3, *,
+                 sizes: list[float] | None = None, ratio: float = 4.0, scaling: float = 0.5,
+                 tau: float = 16.0, block: int = 128, max_iter: int = 500, check_every: int = 5,
+                 dense_blocks: int = 256, omega: float | None = None, backend: str = "auto"):
+        if eps <= 0 or (rho is not None and rho <= 0) or tol <= 0:
+            raise ValueError("eps, rho and tol must be positive")
+        self.eps, self.rho, self.tol, self.sizes, self.ratio = eps, rho, tol, sizes, ratio
+        self.scaling, self.tau, self.block, self.max_iter = scaling, tau, block, max_iter
+        self.check_every, self.dense_blocks, self.backend = check_every, dense_blocks, backend
+        self.omega = omega
+
+    def level_sizes(self, diameter: float) -> list[float]:
+        """Voxel sizes coarse -> fine: from diameter/8 while above 2 sqrt(eps)."""
+        if self.sizes is not None:
+            return sorted(self.sizes, reverse=True)
+        sizes, s = [], diameter / 8
+        while s > 2 * math.sqrt(self.eps):
+            sizes.append(s)
+            s /= self.ratio
+        return sizes
+
+    def _problem(self, x: Layout, y: Layout, f, g, eps, backend, stats=None) -> Problem:
+        if (x.n_pad // x.block) * (y.n_pad // y.block) <= self.dense_blocks:
+            return Problem(x, y, backend)
+        pxy, pyx, frac = block_pairs(x, y, f, g, eps, damping(eps, self.rho), self.tau)
+        if stats is not None:
+            stats["pairs"] = frac
+        return Problem(x, y, backend, pxy, pyx)
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, a=None, b=None,
+                 warm: WarmStart | None = None) -> MultiscaleResult:
+        x, y = x.float(), y.float()
+        backend = resolve_backend(self.backend, x.device)
+        loga = torch.log(a.float()) if a is not None else torch.full((len(x),), -math.log(len(x)), device=x.device)
+        logb = torch.log(b.float()) if b is not None else torch.full((len(y),), -math.log(len(y)), device=x.device)
+        rho, eps = self.rho, self.eps
+        log = Iterations()
+        levels_info = []
+        if warm is not None:
+            X = Layout.build(x, loga.exp(), self.block)
+            Y = Layout.build(y, logb.exp(), self.block)
+            f = warm.lookup(X, warm.x_keys, warm.f_grid)
+            g = warm.lookup(Y, warm.y_keys, warm.g_grid)
+            schedule = eps_schedule(max(warm.eps, eps), eps, self.scaling)
+        else:
+            sizes = self.level_sizes(math.sqrt(squared_diameter(x, y)))
+            xs, ys = pyramid(x, loga, sizes, self.block), pyramid(y, logb, sizes, self.block)
+            schedule = eps_schedule(squared_diameter(x, y), eps, self.scaling)
+            f = g = coarse = None
+            for level, size in enumerate(sizes):
+                X, Y = xs[level].layout, ys[level].layout
+                steps = [e for e in schedule if e >= size**2] or schedule[:1]
+                schedule = schedule[len(steps):] or [eps]
+                if coarse is None:
+                    f, g = torch.zeros(X.n_pad, device=x.device), torch.zeros(Y.n_pad, device=x.device)
+                else:
+                    f, g = self._hand_over(coarse, xs[level], ys[level], f, g, steps[0], backend)
+                info = {"points": (X.n, Y.n), "eps": (steps[0], steps[-1]), "iterations": len(steps)}
+                for e in steps:
+                    problem = self._problem(X, Y, f, g, e, backend, info)
+                    lam = damping(e, rho)
+                    g = lam * problem.softmin_y(f, e)
+                    f = lam * problem.softmin_x(g, e)
+                log.iterations += len(steps)
+                levels_info.append(info)
+                coarse = (X, Y)
+            X, Y = xs[-1].layout, ys[-1].layout
+            if coarse is None:
+                f, g = torch.zeros(X.n_pad, device=x.device), torch.zeros(Y.n_pad, device=x.device)
+            else:
+                f, g = self._hand_over(coarse, xs[-1], ys[-1], f, g, schedule[0], backend)
+        info = {"points": (X.n, Y.n), "eps": (schedule[0], schedule[-1])}
+        before = log.iterations
+        problem, f, g, log = iterate(
+            Problem(X, Y, backend), f, g, schedule, rho=rho, tol=self.tol, max_iter=self.max_iter,
+            check_every=self.check_every, log=log, omega=self.omega,
+            refresh=lambda f_, g_, e: self._problem(X, Y, f_, g_, e, backend, info))
+        info["iterations"] = log.iterations - before
+        levels_info.append(info)
+        result = MultiscaleResult(problem, f, g, eps, rho, log.iterations, log.marginal_error,
+                                  log.errors, levels=levels_info)
+        result.warm = WarmStart.from_solution(X, f, Y, g, eps)
+        return result
+
+    def _hand_over(self, coarse, fine_x: Level, fine_y: Level, f_c, g_c, eps, backend):
+        """Fine potentials from coarse ones by soft c-transforms (pairs chosen with parents' values)."""
+        CX, CY = coarse
+        X, Y = fine_x.layout, fine_y.layout
+        lam = damping(eps, self.rho)
+        to_y = self._problem(X, CY, f_c[fine_x.parent], g_c, eps, backend)    # fine x <- coarse y
+        to_x = self._problem(CX, Y, f_c, g_c[fine_y.parent], eps, backend)    # fine y <- coarse x
+        return lam * to_y.softmin_x(g_c, eps), lam * to_x.softmin_y(f_c, eps)

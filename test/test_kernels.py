@@ -1,0 +1,101 @@
+"""The soft-min kernels (Triton: on the GPU, else Triton's CPU interpreter) against float64 references."""
+import pytest
+import torch
+
+from ros_ot_fusion.kernels.softmin import (barycenter_torch, barycenter_triton, needs_exact,
+                                           softmin_torch, softmin_triton)
+from ros_ot_fusion.ot.layout import Layout
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def cloud(n, seed, offset=30.0, spread=1.0):
+    """Points on a wavy sheet metres from the origin (the hard case for float32 costs), Z-ordered."""
+    g = torch.Generator().manual_seed(seed)
+    uv = torch.rand(n, 2, generator=g) * spread
+    z = 0.2 * spread * torch.sin(3 * uv[:, 0] / spread)
+    p = torch.cat([uv, z[:, None]], 1) + 0.01 * torch.randn(n, 3, generator=g) + offset
+    return p
+
+
+def laid_out(n, seed, block, **kw):
+    lay = Layout.build(cloud(n, seed, **kw), None, block)
+    return lay.pts.to(DEVICE), lay
+
+
+def reference(x, y, h, eps, pairs=None, block=None):
+    """float64 soft-min from exact differences; block pairs outside `pairs` masked out."""
+    X, Y, H = x.double().t().cpu(), y.double().t().cpu(), h.double().cpu()
+    logits = H[None] - ((X[:, None] - Y[None]) ** 2).sum(-1) / eps
+    if pairs is not None:
+        row_ptr, cols = (t.cpu().long() for t in pairs)
+        mask = torch.zeros(len(X) // block, len(Y) // block, dtype=torch.bool)
+        for i in range(len(row_ptr) - 1):
+            mask[i, cols[row_ptr[i]:row_ptr[i + 1]]] = True
+        mask = mask.repeat_interleave(block, 0).repeat_interleave(block, 1)
+        logits = logits.masked_fill(~mask, -torch.inf)
+    return -eps * torch.logsumexp(logits, 1), logits
+
+
+def random_pairs(nb, mb, seed):
+    g = torch.Generator().manual_seed(seed)
+    keep = torch.rand(nb, mb, generator=g) < 0.5
+    keep[torch.arange(nb), torch.randint(0, mb, (nb,), generator=g)] = True
+    rows, cols = keep.nonzero(as_tuple=True)
+    row_ptr = torch.zeros(nb + 1, dtype=torch.int32)
+    row_ptr[1:] = torch.cumsum(torch.bincount(rows, minlength=nb), 0)
+    return row_ptr.to(DEVICE), cols.int().to(DEVICE)
+
+
+@pytest.mark.parametrize("eps", [1.0, 1e-2, 1e-3])
+@pytest.mark.parametrize("sparse", [False, True])
+def test_softmin_matches_float64(eps, sparse):
+    block = 64
+    x, lx = laid_out(192, 1, block)
+    y, _ = laid_out(256, 2, block)
+    h = torch.randn(256, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    h[-7:] = -torch.inf                                     # padding carries h = -inf
+    pairs = random_pairs(3, 4, 4) if sparse else None
+    want, _ = reference(x, y, h, eps, pairs, block)
+    for fn in (softmin_triton, softmin_torch):
+        for exact in (True, False):
+            got = fn(x, y, h, eps, pairs, block, exact).double().cpu()
+            # error in the exponent: exact ~ float32 rounding of C/eps; expanded ~ 1e-7 extent^2/eps
+            bound = 1e-5 * max(1.0, 0.1 / eps) if exact else 1e-5 + 3e-7 * lx.extent2 / eps
+            err = ((got - want).abs() / eps).max().item()
+            assert err < bound, (fn.__name__, exact, err, bound)
+
+
+def test_expanded_form_needs_centring_to_be_exact():
+    """The reason for centring: un-centred, metre-scale coordinates lose the cost entirely."""
+    assert needs_exact(extent2=1.0, eps=1e-4) and not needs_exact(extent2=0.01, eps=1e-3)
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_barycenter_matches_float64_plan(sparse):
+    block, eps = 64, 0.01
+    x, _ = laid_out(128, 5, block)
+    y, _ = laid_out(192, 6, block)
+    h = torch.randn(192, generator=torch.Generator().manual_seed(7)).to(DEVICE)
+    v = torch.randn(192, 5, generator=torch.Generator().manual_seed(8)).to(DEVICE)
+    pairs = random_pairs(2, 3, 9) if sparse else None
+    _, logits = reference(x, y, h, eps, pairs, block)
+    plan = torch.softmax(logits, 1)
+    cost = ((x.double().t().cpu()[:, None] - y.double().t().cpu()[None]) ** 2).sum(-1)
+    for fn in (barycenter_triton, barycenter_torch):
+        lse, mean_v, mean_c = (t.double().cpu() for t in fn(x, y, h, eps, v, pairs, block))
+        torch.testing.assert_close(lse, torch.logsumexp(logits, 1), rtol=0, atol=1e-3)
+        torch.testing.assert_close(mean_v, plan @ v.double().cpu(), rtol=0, atol=1e-4)
+        torch.testing.assert_close(mean_c, (plan * cost).sum(1), rtol=1e-4, atol=1e-6)
+
+
+def test_all_pairs_sparse_equals_dense():
+    block = 64
+    x, _ = laid_out(128, 10, block)
+    y, _ = laid_out(192, 11, block)
+    h = torch.randn(192).to(DEVICE)
+    everything = (torch.tensor([0, 3, 6], dtype=torch.int32, device=DEVICE),
+                  torch.tensor([0, 1, 2, 0, 1, 2], dtype=torch.int32, device=DEVICE))
+    dense = softmin_triton(x, y, h, 0.05, None, block)
+    sparse = softmin_triton(x, y, h, 0.05, everything, block)
+    torch.testing.assert_close(sparse, dense, rtol=0, atol=1e-6)
