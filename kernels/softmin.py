@@ -213,27 +213,34 @@ def _pair_costs(xb, yb):
             - 2 * torch.bmm(xc, yc.transpose(1, 2))).clamp_min_(0)
 
 
-def _blockwise(x, y, h, eps, pairs, block, v=None, chunk_elems=1 << 22):
-    """Yield per pair-chunk (row blocks, lse over the pair (P, B), [weighted sums]) for the torch path."""
-    n_pad, m_pad = x.shape[1], y.shape[1]
-    xb = x.t().reshape(n_pad // block, block, 3)
-    yb = y.t().reshape(m_pad // block, block, 3)
-    hb = h.reshape(m_pad // block, block)
-    vb = None if v is None else v.reshape(m_pad // block, block, -1)
+def _pair_index(nb_x, nb_y, pairs, device):
+    """(row block, column block) of every pair, dense when pairs is None."""
     if pairs is None:
-        rows = torch.arange(n_pad // block, device=x.device).repeat_interleave(m_pad // block)
-        cols = torch.arange(m_pad // block, device=x.device).repeat(n_pad // block)
-    else:
-        row_ptr, cols = pairs
-        rows = torch.repeat_interleave(torch.arange(len(row_ptr) - 1, device=x.device),
-                                       (row_ptr[1:] - row_ptr[:-1]).long())
-        cols = cols.long()
+        rows = torch.arange(nb_x, device=device).repeat_interleave(nb_y)
+        return rows, torch.arange(nb_y, device=device).repeat(nb_x)
+    row_ptr, cols = pairs
+    rows = torch.repeat_interleave(torch.arange(len(row_ptr) - 1, device=device),
+                                   (row_ptr[1:] - row_ptr[:-1]).long())
+    return rows, cols.long()
+
+
+def pair_costs(x, y, pairs=None, block: int = 128, chunk_elems: int = 1 << 22):
+    """Squared distances of every block pair: a list of (row blocks (P,), col blocks (P,), C (P,B,B)).
+
+    They depend only on the points and the pairs, not on the potentials: the solver computes
+    them once per set of pairs and reuses them across iterations (torch backend).
+    """
+    xb = x.t().reshape(-1, block, 3)
+    yb = y.t().reshape(-1, block, 3)
+    rows, cols = _pair_index(len(xb), len(yb), pairs, x.device)
     step = max(1, chunk_elems // (block * block))
-    for s in range(0, len(rows), step):
-        r, c = rows[s:s + step], cols[s:s + step]
-        cost = _pair_costs(xb[r], yb[c])
-        logits = hb[c][:, None, :] - cost / eps                       # (P, B, B)
-        yield r, logits, cost, (None if vb is None else vb[c])
+    return [(rows[s:s + step], cols[s:s + step], _pair_costs(xb[rows[s:s + step]], yb[cols[s:s + step]]))
+            for s in range(0, len(rows), step)]
+
+
+def _logits(h, cols, cost, eps, block):
+    """h_j - C_ij / eps for a chunk of pairs: (P, B, B)."""
+    return torch.sub(h.reshape(-1, block)[cols][:, None, :], cost, alpha=1.0 / eps)
 
 
 def _segment_logsumexp(rows, values, n_blocks):
@@ -248,32 +255,44 @@ def _segment_logsumexp(rows, values, n_blocks):
     return safe + torch.log(total)
 
 
-def softmin_torch(x, y, h, eps: float, pairs=None, block: int = 128, exact: bool = True):
+def _row_logsumexp(logits):
+    """logsumexp over the last axis, in place. Terms under e^-80 of the peak are raised to it:
+    a denormal result makes a CPU exp ~10x slower, and B * e^-80 is far below float32 rounding."""
+    peak = logits.amax(-1, keepdim=True)
+    peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
+    return logits.sub_(peak).clamp_min_(-80.0).exp_().sum(-1).log_().add_(peak[..., 0])
+
+
+def softmin_torch(x, y, h, eps: float, pairs=None, block: int = 128, exact: bool = True, costs=None):
+    """costs: pair_costs(x, y, pairs, block), if already computed."""
     _check(x, y, h, block)
-    parts_r, parts_v = [], []
-    for r, logits, _, _ in _blockwise(x, y, h, eps, pairs, block):
-        parts_r.append(r)
-        parts_v.append(torch.logsumexp(logits, dim=2))
-    lse = _segment_logsumexp(torch.cat(parts_r), torch.cat(parts_v), x.shape[1] // block)
-    return -eps * lse.reshape(-1)
+    costs = pair_costs(x, y, pairs, block) if costs is None else costs
+    rows = torch.cat([r for r, _, _ in costs])
+    lse = torch.cat([_row_logsumexp(_logits(h, c, cost, eps, block)) for _, c, cost in costs])
+    return -eps * _segment_logsumexp(rows, lse, x.shape[1] // block).reshape(-1)
 
 
 def barycenter_torch(x, y, h, eps: float, v, pairs=None, block: int = 128):
     _check(x, y, h, block)
     nb, k = x.shape[1] // block, v.shape[1]
-    lse = (softmin_torch(x, y, h, eps, pairs, block) / -eps).reshape(nb, block)
+    costs = pair_costs(x, y, pairs, block)
+    lse = (softmin_torch(x, y, h, eps, pairs, block, costs=costs) / -eps).reshape(nb, block)
+    vb = v.reshape(-1, block, k)
     mean_v = torch.zeros(nb, block, k, dtype=x.dtype, device=x.device)
     mean_c = torch.zeros(nb, block, dtype=x.dtype, device=x.device)
-    for r, logits, cost, vb in _blockwise(x, y, h, eps, pairs, block, v=v):   # second pass
-        p = torch.exp(logits - lse[r][:, :, None])                  # plan rows, normalised
-        mean_v.index_add_(0, r, torch.bmm(p, vb))
+    for r, c, cost in costs:
+        p = torch.exp(_logits(h, c, cost, eps, block) - lse[r][:, :, None])   # plan rows, normalised
+        mean_v.index_add_(0, r, torch.bmm(p, vb[c]))
         mean_c.index_add_(0, r, (p * cost).sum(-1))
     return lse.reshape(-1), mean_v.reshape(-1, k), mean_c.reshape(-1)
 
 
-def softmin(x, y, h, eps, pairs=None, block=128, backend="torch", exact=True):
-    """Dispatch: 'triton' runs the GPU kernel (or Triton's interpreter on CPU tensors)."""
-    return (softmin_triton if backend == "triton" else softmin_torch)(x, y, h, eps, pairs, block, exact)
+def softmin(x, y, h, eps, pairs=None, block=128, backend="torch", exact=True, costs=None):
+    """Dispatch: 'triton' runs the GPU kernel (or Triton's interpreter on CPU tensors);
+    'torch' reuses `costs` (pair_costs) when given."""
+    if backend == "triton":
+        return softmin_triton(x, y, h, eps, pairs, block, exact)
+    return softmin_torch(x, y, h, eps, pairs, block, exact, costs)
 
 
 def barycenter(x, y, h, eps, v, pairs=None, block=128, backend="torch"):

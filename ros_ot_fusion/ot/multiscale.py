@@ -17,10 +17,9 @@ where dmin is the gap between the blocks' bounding boxes. At the fixed point f/(
 minus the row's log-sum, so a skipped entry weighs under exp(-tau) of its row. Pairs are
 re-selected at every eps step and every convergence check, as the potentials move.
 
-Warm start. After a solve, `WarmStart` keeps eps and the finest potentials averaged on a voxel
-grid in the fixed sensor frame; the next frame looks its points up there, starts at the final
-eps and skips the pyramid. Points in cells the last frame did not see start from the highest
-potential seen, which keeps every pair they might need.
+Warm start. After a solve, `WarmStart` keeps eps and the finest level with its potentials; the
+next frame skips the pyramid, starts at the final eps, and initialises its potentials by soft
+c-transforms against the kept ones (the same hand-over as between levels).
 """
 from __future__ import annotations
 
@@ -99,29 +98,27 @@ def _csr(keep: torch.Tensor):
 
 @dataclass
 class WarmStart:
-    """What one frame leaves for the next: eps and the finest potentials on a voxel grid."""
+    """What one frame leaves for the next: eps, the finest level and its potentials.
+
+    The next frame starts from soft c-transforms of the kept potentials onto its own points,
+    f(x) = lam softmin_eps over kept y of (C - g_kept - eps log b_kept), and likewise g; the
+    block pairs of those c-transforms are chosen with the kept potentials averaged on a voxel
+    grid (cells the last frame did not see take the highest value: every pair they need stays).
+    """
 
     eps: float
-    size: float
-    x_keys: torch.Tensor
-    f_grid: torch.Tensor
-    y_keys: torch.Tensor
-    g_grid: torch.Tensor
+    x: Layout
+    f: torch.Tensor
+    y: Layout
+    g: torch.Tensor
 
-    @staticmethod
-    def from_solution(x: Layout, f: torch.Tensor, y: Layout, g: torch.Tensor, eps: float) -> "WarmStart":
-        size = 2 * math.sqrt(eps)
-
-        def grid(layout, values):
-            keys, inv = torch.unique(voxel_keys(layout.pts.t()[: layout.n], size), return_inverse=True)
-            total = torch.zeros(len(keys), device=values.device).index_add_(0, inv, values[: layout.n])
-            count = torch.zeros(len(keys), device=values.device).index_add_(0, inv, torch.ones_like(total[inv]))
-            return keys, total / count
-        return WarmStart(eps, size, *grid(x, f), *grid(y, g))
-
-    def lookup(self, layout: Layout, keys: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
-        """Potential of each stored point of `layout` from the grid (highest value where unseen)."""
-        k = voxel_keys(layout.pts.t(), self.size)
+    def grid_lookup(self, kept: Layout, values: torch.Tensor, new: Layout) -> torch.Tensor:
+        size = 2 * math.sqrt(self.eps)
+        keys, inv = torch.unique(voxel_keys(kept.pts.t()[: kept.n], size), return_inverse=True)
+        total = torch.zeros(len(keys), device=values.device).index_add_(0, inv, values[: kept.n])
+        count = torch.bincount(inv, minlength=len(keys)).float()
+        grid = total / count
+        k = voxel_keys(new.pts.t(), size)
         pos = torch.searchsorted(keys, k).clamp_max(len(keys) - 1)
         return torch.where(keys[pos] == k, grid[pos], grid.max())
 
@@ -185,9 +182,11 @@ class MultiscaleSinkhorn:
         if warm is not None:
             X = Layout.build(x, loga.exp(), self.block)
             Y = Layout.build(y, logb.exp(), self.block)
-            f = warm.lookup(X, warm.x_keys, warm.f_grid)
-            g = warm.lookup(Y, warm.y_keys, warm.g_grid)
-            schedule = eps_schedule(max(warm.eps, eps), eps, self.scaling)
+            start = max(warm.eps, eps)
+            f, g = self._hand_over((warm.x, warm.y), Level(X), Level(Y), warm.f, warm.g, start, backend,
+                                   f_est=warm.grid_lookup(warm.x, warm.f, X),
+                                   g_est=warm.grid_lookup(warm.y, warm.g, Y))
+            schedule = eps_schedule(start, eps, self.scaling)
         else:
             sizes = self.level_sizes(math.sqrt(squared_diameter(x, y)))
             xs, ys = pyramid(x, loga, sizes, self.block), pyramid(y, logb, sizes, self.block)
@@ -225,14 +224,18 @@ class MultiscaleSinkhorn:
         levels_info.append(info)
         result = MultiscaleResult(problem, f, g, eps, rho, log.iterations, log.marginal_error,
                                   log.errors, levels=levels_info)
-        result.warm = WarmStart.from_solution(X, f, Y, g, eps)
+        result.warm = WarmStart(eps, X, f, Y, g)
         return result
 
-    def _hand_over(self, coarse, fine_x: Level, fine_y: Level, f_c, g_c, eps, backend):
-        """Fine potentials from coarse ones by soft c-transforms (pairs chosen with parents' values)."""
+    def _hand_over(self, coarse, fine_x: Level, fine_y: Level, f_c, g_c, eps, backend,
+                   f_est=None, g_est=None):
+        """Fine potentials from coarse ones by soft c-transforms. Block pairs are chosen with
+        estimates of the fine potentials: the parents' values unless given."""
         CX, CY = coarse
         X, Y = fine_x.layout, fine_y.layout
+        f_est = f_c[fine_x.parent] if f_est is None else f_est
+        g_est = g_c[fine_y.parent] if g_est is None else g_est
         lam = damping(eps, self.rho)
-        to_y = self._problem(X, CY, f_c[fine_x.parent], g_c, eps, backend)    # fine x <- coarse y
-        to_x = self._problem(CX, Y, f_c, g_c[fine_y.parent], eps, backend)    # fine y <- coarse x
+        to_y = self._problem(X, CY, f_est, g_c, eps, backend)    # fine x <- coarse y
+        to_x = self._problem(CX, Y, f_c, g_est, eps, backend)    # fine y <- coarse x
         return lam * to_y.softmin_x(g_c, eps), lam * to_x.softmin_y(f_c, eps)

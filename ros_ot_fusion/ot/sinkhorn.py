@@ -27,7 +27,7 @@ from functools import cached_property
 
 import torch
 
-from ros_ot_fusion.kernels.softmin import barycenter, needs_exact, softmin
+from ros_ot_fusion.kernels.softmin import barycenter, needs_exact, pair_costs, softmin
 from ros_ot_fusion.ot.layout import Layout
 
 
@@ -66,14 +66,24 @@ class Problem:
     pairs_xy: tuple | None = None      # CSR: x block -> y blocks; None: dense
     pairs_yx: tuple | None = None      # CSR: y block -> x blocks
 
+    def _costs(self, name: str, a: Layout, b: Layout, pairs):
+        """torch backend: block-pair costs, computed once for this problem's pairs."""
+        if self.backend != "torch":
+            return None
+        if name not in self.__dict__:
+            self.__dict__[name] = pair_costs(a.pts, b.pts, pairs, a.block)
+        return self.__dict__[name]
+
     def softmin_x(self, g: torch.Tensor, eps: float) -> torch.Tensor:
         """softmin over j of (C_ij - g_j - eps log b_j), for every x_i (padded)."""
         return softmin(self.x.pts, self.y.pts, self.y.logw + g / eps, eps, self.pairs_xy,
-                       self.x.block, self.backend, needs_exact(self.x.extent2, eps))
+                       self.x.block, self.backend, needs_exact(self.x.extent2, eps),
+                       self._costs("_costs_xy", self.x, self.y, self.pairs_xy))
 
     def softmin_y(self, f: torch.Tensor, eps: float) -> torch.Tensor:
         return softmin(self.y.pts, self.x.pts, self.x.logw + f / eps, eps, self.pairs_yx,
-                       self.y.block, self.backend, needs_exact(self.y.extent2, eps))
+                       self.y.block, self.backend, needs_exact(self.y.extent2, eps),
+                       self._costs("_costs_yx", self.y, self.x, self.pairs_yx))
 
 
 def marginal_error(problem: Problem, f: torch.Tensor, f_soft: torch.Tensor, eps: float,
