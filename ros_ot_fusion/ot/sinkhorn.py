@@ -91,7 +91,8 @@ def marginal_error(problem: Problem, f: torch.Tensor, f_soft: torch.Tensor, eps:
     """|| pi 1 - a exp(-f/rho) ||_1 for the plan (f, g) whose row soft-min is f_soft (0-d tensor)."""
     a = problem.x.logw.exp()
     target = 1.0 if rho is None else torch.exp(-f / rho)
-    return (a * (torch.exp((f - f_soft) / eps) - target).abs()).sum()
+    # clamped: far from the fixed point a row's mass can be e^1000 off; report it as large, not inf
+    return (a * (torch.exp(((f - f_soft) / eps).clamp_max(50.0)) - target).abs()).sum()
 
 
 @dataclass
@@ -142,7 +143,7 @@ def iterate(problem: Problem, f: torch.Tensor, g: torch.Tensor, eps_steps: list[
             err = marginal_error(problem, f, f_soft, eps, rho).item()
             log.marginal_error = err
             log.errors.append((log.iterations, err))
-            if not math.isfinite(err):
+            if math.isnan(err):
                 raise FloatingPointError(f"Sinkhorn diverged at iteration {log.iterations} (eps={eps:g})")
             if err < tol:
                 f = lam * f_soft
