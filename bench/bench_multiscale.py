@@ -57,6 +57,7 @@ def main():
     p.add_argument("--speed", type=float, default=1.0)
     p.add_argument("--points", type=int, default=0, help="voxelise both clouds to about this many")
     p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--block", type=int, default=None, help="points per block (default: by device)")
     args = p.parse_args()
     dev = args.device
     frames = []
@@ -67,8 +68,8 @@ def main():
         frames.append((x.contiguous(), y.contiguous()))
     name = torch.cuda.get_device_name() if dev == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     print(f"# {name}; lidar {len(frames[0][0])} x camera {len(frames[0][1])} points; eps {args.eps:g}, "
-          f"rho {args.rho:g}, tol {args.tol:g}")
-    solver = MultiscaleSinkhorn(args.eps, rho=args.rho, tol=args.tol)
+          f"rho {args.rho:g}, tol {args.tol:g}, block {args.block or 'default'}")
+    solver = MultiscaleSinkhorn(args.eps, rho=args.rho, tol=args.tol, block=args.block)
     x, y = frames[0]
     for _ in range(2):                                   # warm-up: compilation, allocator
         solver(x, y)

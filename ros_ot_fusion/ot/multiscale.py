@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 import torch
 
 from ros_ot_fusion.ot.layout import Layout
-from ros_ot_fusion.ot.sinkhorn import (Iterations, Problem, SinkhornResult, damping, eps_schedule,
-                                       iterate, resolve_backend, squared_diameter)
+from ros_ot_fusion.ot.sinkhorn import (Iterations, Problem, SinkhornResult, anneal, damping,
+                                       eps_schedule, iterate, resolve_backend, squared_diameter)
 
 _GRID_BIAS = 1 << 20          # voxel keys: three 21-bit coordinates around a fixed origin
 
@@ -206,28 +206,22 @@ class MultiscaleSinkhorn:
             xs, ys = pyramid(x, loga, sizes, block), pyramid(y, logb, sizes, block)
             schedule = eps_schedule(squared_diameter(x, y), eps, self.scaling)
             f = g = coarse = None
-            for level, size in enumerate(sizes):
+            for level, size in enumerate(sizes + [None]):      # None: the points themselves
                 X, Y = xs[level].layout, ys[level].layout
-                steps = [e for e in schedule if e >= size**2] or schedule[:1]
-                schedule = schedule[len(steps):] or [eps]
+                steps = [e for e in schedule if size is not None and e >= size**2] or schedule[:1]
                 if coarse is None:
                     f, g = torch.zeros(X.n_pad, device=x.device), torch.zeros(Y.n_pad, device=x.device)
                 else:
                     f, g = self._hand_over(coarse, xs[level], ys[level], f, g, steps[0], backend)
+                if size is None:
+                    break                                       # the finest level iterates to tol
+                schedule = schedule[len(steps):] or [eps]
                 info = {"points": (X.n, Y.n), "eps": (steps[0], steps[-1]), "iterations": len(steps)}
-                for e in steps:
-                    problem = self._problem(X, Y, f, g, e, backend, info)
-                    lam = damping(e, rho)
-                    g = lam * problem.softmin_y(f, e)
-                    f = lam * problem.softmin_x(g, e)
+                select = lambda f_, g_, e, X=X, Y=Y, info=info: self._problem(X, Y, f_, g_, e, backend, info)
+                _, f, g = anneal(Problem(X, Y, backend), f, g, steps, rho, select)
                 log.iterations += len(steps)
                 levels_info.append(info)
                 coarse = (X, Y)
-            X, Y = xs[-1].layout, ys[-1].layout
-            if coarse is None:
-                f, g = torch.zeros(X.n_pad, device=x.device), torch.zeros(Y.n_pad, device=x.device)
-            else:
-                f, g = self._hand_over(coarse, xs[-1], ys[-1], f, g, schedule[0], backend)
         info = {"points": (X.n, Y.n), "eps": (schedule[0], schedule[-1])}
         before = log.iterations
         problem, f, g, log = iterate(

@@ -104,6 +104,18 @@ class Iterations:
     errors: list = field(default_factory=list)   # (iteration, error) at each check
 
 
+def anneal(problem: Problem, f: torch.Tensor, g: torch.Tensor, steps: list[float],
+           rho: float | None, refresh=None):
+    """eps-scaling: one plain iteration at each eps of `steps`. Returns (problem, f, g)."""
+    for e in steps:
+        if refresh is not None:
+            problem = refresh(f, g, e)
+        lam = damping(e, rho)
+        g = lam * problem.softmin_y(f, e)
+        f = lam * problem.softmin_x(g, e)
+    return problem, f, g
+
+
 def iterate(problem: Problem, f: torch.Tensor, g: torch.Tensor, eps_steps: list[float], *,
             rho: float | None, tol: float, max_iter: int, check_every: int = 10,
             log: Iterations | None = None, refresh=None, omega: float | None = None):
@@ -118,15 +130,9 @@ def iterate(problem: Problem, f: torch.Tensor, g: torch.Tensor, eps_steps: list[
     omega = default_omega(rho) if omega is None else omega
     if not 0 < omega < 2:
         raise ValueError(f"omega must be in (0, 2), got {omega}")
-    for e in eps_steps[:-1]:
-        if log.iterations >= max_iter:
-            break
-        if refresh is not None:
-            problem = refresh(f, g, e)
-        lam = damping(e, rho)
-        g = lam * problem.softmin_y(f, e)
-        f = lam * problem.softmin_x(g, e)
-        log.iterations += 1
+    steps = eps_steps[:-1][: max(0, max_iter - log.iterations)]
+    problem, f, g = anneal(problem, f, g, steps, rho, refresh)
+    log.iterations += len(steps)
     eps = eps_steps[-1]
     lam = damping(eps, rho)
     since_check = 0
