@@ -105,3 +105,13 @@ def test_bad_input_is_rejected_with_a_reason():
         sinkhorn(x, x, torch.tensor([1.0, 0, 1, 1, 1]), eps=0.1)
     with pytest.raises(ValueError, match="backend"):
         sinkhorn(x, x, eps=0.1, backend="cuda")
+
+
+def test_over_relaxation_falls_back_instead_of_diverging():
+    """omega close to 2 overshoots on a hard unbalanced problem: the solver must still converge."""
+    x, y, _, _ = problem(60, 80, 3, 6, True)
+    y = torch.cat([y, y[:10] + 3.0])                          # far outliers: large unbalanced potentials
+    res = sinkhorn(x, y, eps=0.005, rho=0.05, tol=1e-4, omega=1.99, max_iter=3000, backend="torch")
+    assert res.marginal_error < 1e-4
+    plain = sinkhorn(x, y, eps=0.005, rho=0.05, tol=1e-4, omega=1.0, max_iter=3000, backend="torch")
+    assert res.cost == pytest.approx(plain.cost, rel=1e-3)

@@ -102,6 +102,7 @@ class Iterations:
     iterations: int = 0
     marginal_error: float = math.inf
     errors: list = field(default_factory=list)   # (iteration, error) at each check
+    fallbacks: int = 0                           # times over-relaxation was abandoned
 
 
 def anneal(problem: Problem, f: torch.Tensor, g: torch.Tensor, steps: list[float],
@@ -138,6 +139,7 @@ def iterate(problem: Problem, f: torch.Tensor, g: torch.Tensor, eps_steps: list[
     since_check = 0
     if refresh is not None:
         problem = refresh(f, g, eps)
+    good = (f, g, math.inf)            # last checked state: over-relaxation falls back to it
     while log.iterations < max_iter:
         g_new = lam * problem.softmin_y(f, eps)
         g = g_new if omega == 1.0 else torch.lerp(g, g_new, omega)
@@ -149,11 +151,18 @@ def iterate(problem: Problem, f: torch.Tensor, g: torch.Tensor, eps_steps: list[
             err = marginal_error(problem, f, f_soft, eps, rho).item()
             log.marginal_error = err
             log.errors.append((log.iterations, err))
+            if omega != 1.0 and not err <= 4 * good[2]:
+                # Over-relaxation is not globally convergent (seen with large unbalanced
+                # potentials): return to the last good state and go on with plain updates.
+                f, g, log.marginal_error = good
+                omega, log.fallbacks = 1.0, log.fallbacks + 1
+                continue
             if math.isnan(err):
                 raise FloatingPointError(f"Sinkhorn diverged at iteration {log.iterations} (eps={eps:g})")
             if err < tol:
                 f = lam * f_soft
                 break
+            good = (f, g, err)
         f = lam * f_soft if omega == 1.0 else torch.lerp(f, lam * f_soft, omega)
         if since_check == 0 and refresh is not None:
             problem = refresh(f, g, eps)
