@@ -66,9 +66,11 @@ class Problem:
     pairs_xy: tuple | None = None      # CSR: x block -> y blocks; None: dense
     pairs_yx: tuple | None = None      # CSR: y block -> x blocks
 
-    def _costs(self, name: str, a: Layout, b: Layout, pairs):
-        """torch backend: block-pair costs, computed once for this problem's pairs."""
-        if self.backend != "torch":
+    def _costs(self, name: str, a: Layout, b: Layout, pairs, budget: int = 1 << 26):
+        """torch backend: block-pair costs, computed once for this problem's pairs (when they
+        fit in `budget` floats; otherwise each soft-min recomputes them chunk by chunk)."""
+        n_pairs = (a.n_pad // a.block) * (b.n_pad // b.block) if pairs is None else len(pairs[1])
+        if self.backend != "torch" or n_pairs * a.block * a.block > budget:
             return None
         if name not in self.__dict__:
             self.__dict__[name] = pair_costs(a.pts, b.pts, pairs, a.block)
