@@ -202,9 +202,10 @@ class MultiscaleSinkhorn:
                                    g_est=warm.grid_lookup(warm.y, warm.g, Y))
             schedule = eps_schedule(start, eps, self.scaling)
         else:
-            sizes = useful_sizes(x, y, self.level_sizes(math.sqrt(squared_diameter(x, y))))
+            diameter2 = squared_diameter(x, y)
+            sizes = useful_sizes(x, y, self.level_sizes(math.sqrt(diameter2)))
             xs, ys = pyramid(x, loga, sizes, block), pyramid(y, logb, sizes, block)
-            schedule = eps_schedule(squared_diameter(x, y), eps, self.scaling)
+            schedule = eps_schedule(diameter2, eps, self.scaling)
             f = g = coarse = None
             for level, size in enumerate(sizes + [None]):      # None: the points themselves
                 X, Y = xs[level].layout, ys[level].layout

@@ -158,6 +158,8 @@ def iterate(problem: Problem, f: torch.Tensor, g: torch.Tensor, eps_steps: list[
                 # potentials): return to the last good state and go on with plain updates.
                 f, g, log.marginal_error = good
                 omega, log.fallbacks = 1.0, log.fallbacks + 1
+                if refresh is not None:         # pairs were chosen from the diverging state
+                    problem = refresh(f, g, eps)
                 continue
             if math.isnan(err):
                 raise FloatingPointError(f"Sinkhorn diverged at iteration {log.iterations} (eps={eps:g})")
