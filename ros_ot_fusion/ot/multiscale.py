@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ros_ot_fusion.kernels.softmin import barycenter
 from ros_ot_fusion.ot.layout import Layout
 from ros_ot_fusion.ot.sinkhorn import (Iterations, Problem, SinkhornResult, anneal, damping,
                                        eps_schedule, iterate, resolve_backend, squared_diameter)
@@ -140,6 +141,24 @@ class MultiscaleResult(SinkhornResult):
 
     levels: list = field(default_factory=list)   # per level: dict(points, iterations, eps, pairs)
     warm: WarmStart | None = None
+    tau: float = 16.0
+
+    def transfer(self, x: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """What new points x (n, 3) would receive as rows of this plan: the plan-weighted mean of
+        values v (m, k) on y, and the mass ratio (pi 1)_i / a_i in [0, inf).
+
+        A new row's potential is its soft c-transform, f = -lam eps lse with
+        lse = log sum_j b_j exp((g_j - C_ij) / eps), so (pi 1)/a = exp(f/eps + lse) = exp((1-lam) lse):
+        1 where a point is matched as the solution's own rows are, 0 far from every y.
+        """
+        w, lam = self.warm, damping(self.eps, self.rho)
+        X = Layout.build(x.float(), None, w.x.block)
+        pairs, _, _ = block_pairs(X, w.y, w.grid_lookup(w.x, w.f, X), w.g, self.eps, lam, self.tau)
+        lse, mean_v, _ = barycenter(X.pts, w.y.pts, w.y.logw + w.g / self.eps, self.eps,
+                                    w.y.pad(v.reshape(len(v), -1).float()).contiguous(), pairs,
+                                    X.block, self.problem.backend)
+        ratio = torch.exp(((1 - lam) * lse).clamp_max(50.0))
+        return X.unpad(mean_v), X.unpad(ratio)
 
 
 class MultiscaleSinkhorn:
@@ -232,7 +251,7 @@ class MultiscaleSinkhorn:
         info["iterations"] = log.iterations - before
         levels_info.append(info)
         result = MultiscaleResult(problem, f, g, eps, rho, log.iterations, log.marginal_error,
-                                  log.errors, levels=levels_info)
+                                  log.errors, levels=levels_info, tau=self.tau)
         result.warm = WarmStart(eps, X, f, Y, g)
         return result
 

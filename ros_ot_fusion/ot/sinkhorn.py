@@ -218,11 +218,14 @@ class SinkhornResult:
 
     def apply(self, v: torch.Tensor) -> torch.Tensor:
         """(pi v) / (pi 1): plan-weighted mean of values v (m,) or (m, k) on y, for each x_i."""
-        squeeze = v.dim() == 1
-        v = v.reshape(v.shape[0], -1).float()
-        _, mean_v, _ = self._barycenter(self.problem.y.pad(v).contiguous())
-        out = self.problem.x.unpad(mean_v)
-        return out[:, 0] if squeeze else out
+        out, _ = self.transport(v.reshape(v.shape[0], -1))
+        return out[:, 0] if v.dim() == 1 else out
+
+    def transport(self, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(apply(v) as (n, k), row_mass()) from one pass over the plan."""
+        lse, mean_v, _ = self._barycenter(self.problem.y.pad(v.float()).contiguous())
+        mass = torch.exp(self.problem.x.logw + self.f_pad / self.eps + lse)
+        return self.problem.x.unpad(mean_v), self.problem.x.unpad(mass)
 
 
 def _points(p: torch.Tensor, name: str) -> torch.Tensor:

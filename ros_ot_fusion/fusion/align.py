@@ -1,0 +1,290 @@
+"""Camera -> LiDAR extrinsic by optimal transport and point-to-plane Gauss-Newton.
+
+One frame, as `Aligner.align` reads:
+  preprocess  crop both clouds by range, voxel-downsample them, estimate camera surface normals,
+              and keep the LiDAR points that the camera can see under the current estimate;
+  register    for eps annealed from eps_start down to eps: solve unbalanced OT between the LiDAR
+              points x (rows) and the moved camera points y = T c; give each x its plan-weighted
+              target y^, normal n^ and transported mass; one weighted Gauss-Newton step on the
+              point-to-plane residual n^ . (x - y^) moves T. Potentials carry over between solves.
+
+Why point-to-plane on plan targets: sparse LiDAR rings against a dense camera surface bias point
+targets (the barycentre of a surface patch is not the point the LiDAR hit), but it lies on the
+surface, and its normal measures the distance that matters. Weights: transported mass (points
+the camera does not see carry none), normal coherence and planarity (edges and clutter count
+less) and a Geman-McClure factor on the residual (outliers count little).
+
+Across frames the state keeps T, the final eps and the finest potentials; a warm frame runs only
+`rigid_steps` solves at the final eps, started from the kept potentials.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ros_ot_fusion.ot.multiscale import MultiscaleResult, MultiscaleSinkhorn, WarmStart, cluster, voxel_keys
+from ros_ot_fusion.ot.sinkhorn import eps_schedule
+
+
+@dataclass
+class AlignConfig:
+    min_range_m: float = 0.5
+    max_range_m: float = 80.0
+    lidar_voxel_m: float = 0.25
+    camera_voxel_m: float = 0.25
+    normal_radius_m: float = 0.4
+    max_points: int = 8000
+    crop_margin_m: float = 1.0
+    pyramid_voxel_sizes: tuple = (2.0, 0.5)
+    eps_start: float = 0.25
+    eps: float = 0.0025
+    eps_scaling: float = 0.5
+    rho: float = 0.05
+    tol: float = 1e-3
+    max_iter: int = 300
+    rigid_steps: int = 3
+    warm_start: bool = True
+
+    @classmethod
+    def from_params(cls, p: dict) -> "AlignConfig":
+        names = set(cls.__dataclass_fields__)
+        kw = {k: v for k, v in p.items() if k in names}
+        kw["eps_start"], kw["eps"] = p["eps_schedule"]
+        kw["pyramid_voxel_sizes"] = tuple(p["pyramid_voxel_sizes"])
+        return cls(**kw)
+
+
+@dataclass
+class AlignState:
+    """What one frame leaves for the next (per sensor pair)."""
+
+    T: np.ndarray                          # 4x4 camera -> LiDAR, the last estimate
+    warm: WarmStart | None = None          # the last plan's potentials (None: cold start)
+
+
+@dataclass
+class Alignment:
+    T: np.ndarray                          # 4x4 camera -> LiDAR estimated on this frame
+    ok: bool
+    reason: str = ""
+    steps: list = field(default_factory=list)   # per solve: eps, iterations, marginal error, residual
+    result: MultiscaleResult | None = None      # the last plan (rows: `lidar`, columns: `camera`)
+    lidar: torch.Tensor | None = None           # the plan's LiDAR points (LiDAR frame)
+    camera: torch.Tensor | None = None          # the plan's camera points (voxel centroids, camera frame)
+    camera_rgb: torch.Tensor | None = None      # their mean colours (k, 3) float, or None
+    bounds: tuple | None = None                 # the camera's view (see view_bounds)
+    state: AlignState | None = None             # for the next frame
+
+    @property
+    def iterations(self) -> int:
+        return sum(s["iterations"] for s in self.steps)
+
+
+# ---------------------------------------------------------------------------------------------
+# preprocessing
+# ---------------------------------------------------------------------------------------------
+
+def transform(T: np.ndarray, p: torch.Tensor) -> torch.Tensor:
+    Tt = torch.as_tensor(T, dtype=torch.float32, device=p.device)
+    return p @ Tt[:3, :3].t() + Tt[:3, 3]
+
+
+def in_range(p: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
+    r2 = (p * p).sum(1)
+    return (r2 >= lo * lo) & (r2 <= hi * hi)
+
+
+def voxel_downsample(p: torch.Tensor, size: float, values: torch.Tensor | None = None):
+    """Voxel centroids (k, 3) and the mean of per-point values (k, ...) in each voxel."""
+    centroid, _, parent = cluster(p, torch.zeros(len(p), device=p.device), size)
+    if values is None:
+        return centroid, None
+    count = torch.bincount(parent, minlength=len(centroid)).float()
+    total = torch.zeros(len(centroid), *values.shape[1:], device=p.device).index_add_(0, parent, values.float())
+    return centroid, total / count.reshape(-1, *[1] * (values.dim() - 1))
+
+
+_NEIGHBOURS = torch.tensor([(dx << 42) + (dy << 21) + dz for dx in (-1, 0, 1) for dy in (-1, 0, 1)
+                            for dz in (-1, 0, 1)], dtype=torch.int64)
+
+
+def normals(p: torch.Tensor, radius: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unit normals (k, 3) and planarity in [0, 1] (k,) from the covariance of the points in the
+    3x3x3 voxels (edge `radius`) around each point; 0 where too few points define a plane."""
+    keys = voxel_keys(p, radius)
+    cells, inv = torch.unique(keys, return_inverse=True)
+    k = len(cells)
+    ones = torch.ones(len(p), device=p.device, dtype=torch.float64)
+    pd = p.double() - p.double().mean(0)
+    count = torch.zeros(k, device=p.device, dtype=torch.float64).index_add_(0, inv, ones)
+    s1 = torch.zeros(k, 3, device=p.device, dtype=torch.float64).index_add_(0, inv, pd)
+    s2 = torch.zeros(k, 9, device=p.device, dtype=torch.float64).index_add_(
+        0, inv, (pd[:, :, None] * pd[:, None, :]).reshape(-1, 9))
+    near = keys[:, None] + _NEIGHBOURS.to(p.device)                         # (n, 27)
+    pos = torch.searchsorted(cells, near).clamp_max(k - 1)
+    hit = (cells[pos] == near).double()
+    n = (count[pos] * hit).sum(1)
+    mean = (s1[pos] * hit[..., None]).sum(1) / n[:, None]
+    cov = ((s2[pos] * hit[..., None]).sum(1) / n[:, None]).reshape(-1, 3, 3) - mean[:, :, None] * mean[:, None, :]
+    evals, evecs = torch.linalg.eigh(cov)                                   # ascending
+    planarity = ((evals[:, 1] - evals[:, 0]) / evals[:, 2].clamp_min(1e-12)).clamp(0, 1)
+    planarity = torch.where(n >= 5, planarity, torch.zeros_like(planarity))
+    return evecs[:, :, 0].float(), planarity.float()
+
+
+def view_bounds(camera: torch.Tensor, quantile: float = 0.001) -> tuple[float, float, float, float, float]:
+    """The camera's field of view as seen in its own cloud: (u_lo, u_hi, v_lo, v_hi, z_max) with
+    u = x/z, v = y/z (optical frame: z forward)."""
+    c = camera[camera[:, 2] > 1e-3]
+    u, v = c[:, 0] / c[:, 2], c[:, 1] / c[:, 2]
+    q = torch.tensor([quantile, 1 - quantile], device=c.device)
+    (u_lo, u_hi), (v_lo, v_hi) = torch.quantile(u[:100000], q).tolist(), torch.quantile(v[:100000], q).tolist()
+    return u_lo, u_hi, v_lo, v_hi, float(c[:, 2].max())
+
+
+def in_view(lidar_in_camera: torch.Tensor, bounds, margin: float) -> torch.Tensor:
+    """LiDAR points (in the camera frame) inside the camera's view, widened by `margin` metres."""
+    u_lo, u_hi, v_lo, v_hi, z_max = bounds
+    x, y, z = lidar_in_camera.unbind(1)
+    return ((z > 0.1) & (z < z_max + margin) & (x >= u_lo * z - margin) & (x <= u_hi * z + margin)
+            & (y >= v_lo * z - margin) & (y <= v_hi * z + margin))
+
+
+def subsample(n: int, budget: int, device) -> torch.Tensor | None:
+    """A fixed random subset of `budget` of n indices (None: keep all)."""
+    if n <= budget:
+        return None
+    gen = torch.Generator().manual_seed(n)
+    return torch.randperm(n, generator=gen)[:budget].to(device)
+
+
+# ---------------------------------------------------------------------------------------------
+# the rigid update
+# ---------------------------------------------------------------------------------------------
+
+def so3_exp(w: np.ndarray) -> np.ndarray:
+    theta = float(np.linalg.norm(w))
+    K = np.array([[0, -w[2], w[1]], [w[2], 0, -w[0]], [-w[1], w[0], 0]])
+    if theta < 1e-12:
+        return np.eye(3) + K
+    return np.eye(3) + math.sin(theta) / theta * K + (1 - math.cos(theta)) / theta**2 * K @ K
+
+
+def point_to_plane_step(x, y, n, w):
+    """Weighted Gauss-Newton step moving targets y (k, 3) so that n . (x - y) -> 0.
+
+    Linearised about the targets' centroid c: y' = c + R (y - c) + v with R = exp([omega]x), the
+    residual changes by -(omega . ((y - c) x n) + n . v). Returns (delta 4x4, weighted RMS residual
+    before the step, conditioning: the smallest over the largest eigenvalue of the normal matrix
+    with rotations scaled to metres by the cloud's radius)."""
+    w = w.double()
+    x, y, n = x.double(), y.double(), n.double()
+    wsum = w.sum().clamp_min(1e-30)
+    c = (w[:, None] * y).sum(0) / wsum
+    J = torch.cat([torch.cross(y - c, n, dim=1), n], 1)                    # (k, 6)
+    r = (n * (x - y)).sum(1)
+    H = (J * w[:, None]).t() @ J
+    b = (J * w[:, None]).t() @ r
+    radius = float(torch.sqrt((w * ((y - c) ** 2).sum(1)).sum() / wsum).clamp_min(1e-6))
+    H, b, c = H.cpu().numpy(), b.cpu().numpy(), c.cpu().numpy()
+    scale = np.diag([1 / radius] * 3 + [1.0] * 3)
+    ev = np.linalg.eigvalsh(scale @ H @ scale)
+    conditioning = float(ev[0] / ev[-1]) if ev[-1] > 0 else 0.0
+    delta = np.linalg.solve(H + 1e-9 * np.trace(H) * np.eye(6), b)
+    D = np.eye(4)
+    D[:3, :3] = so3_exp(delta[:3])
+    D[:3, 3] = c - D[:3, :3] @ c + delta[3:]
+    rms = float(torch.sqrt((w * r * r).sum() / wsum))
+    return D, rms, conditioning
+
+
+# ---------------------------------------------------------------------------------------------
+# the aligner
+# ---------------------------------------------------------------------------------------------
+
+class Aligner:
+    """OT-based camera -> LiDAR registration (see the module docstring)."""
+
+    def __init__(self, config: AlignConfig, device: torch.device | str = "cpu", backend: str = "auto",
+                 min_conditioning: float = 1e-4, min_points: int = 50):
+        self.config, self.device, self.backend = config, torch.device(device), backend
+        self.min_conditioning, self.min_points = min_conditioning, min_points
+
+    def preprocess_camera(self, camera_xyz, camera_rgb=None):
+        """Camera points (camera frame) -> voxel centroids, their normals, planarity, colours, view."""
+        cfg = self.config
+        c = torch.as_tensor(camera_xyz, dtype=torch.float32).to(self.device)
+        keep = in_range(c, cfg.min_range_m, cfg.max_range_m)
+        rgb = None if camera_rgb is None else torch.as_tensor(camera_rgb).to(self.device)[keep]
+        c = c[keep]
+        if len(c) < self.min_points:
+            return None
+        bounds = view_bounds(c)
+        c, rgb = voxel_downsample(c, cfg.camera_voxel_m, rgb)
+        nrm, planarity = normals(c, cfg.normal_radius_m)
+        idx = subsample(len(c), cfg.max_points, self.device)
+        if idx is not None:
+            c, nrm, planarity = c[idx], nrm[idx], planarity[idx]
+            rgb = None if rgb is None else rgb[idx]
+        return c, nrm, planarity, rgb, bounds
+
+    def crop_lidar(self, lidar: torch.Tensor, T: np.ndarray, bounds) -> torch.Tensor:
+        """Boolean mask of the LiDAR points (LiDAR frame) that the camera can see under T."""
+        cfg = self.config
+        keep = in_range(lidar, cfg.min_range_m, cfg.max_range_m)
+        return keep & in_view(transform(np.linalg.inv(T), lidar), bounds, cfg.crop_margin_m)
+
+    def align(self, lidar_xyz, camera_xyz, camera_rgb=None, state: AlignState | None = None,
+              prior: np.ndarray | None = None) -> Alignment:
+        """Estimate the camera -> LiDAR transform on one frame, starting from `state` (warm) or
+        from `prior` (cold)."""
+        cfg = self.config
+        T = (state.T if state is not None else prior).copy()
+        warm = state.warm if (state is not None and cfg.warm_start) else None
+        lidar = torch.as_tensor(lidar_xyz, dtype=torch.float32).to(self.device)
+        cam = self.preprocess_camera(camera_xyz, camera_rgb)
+        if cam is None:
+            return Alignment(T, False, "too few camera points")
+        c, nrm, planarity, rgb, bounds = cam
+        x = lidar[self.crop_lidar(lidar, T, bounds)]
+        x, _ = voxel_downsample(x, cfg.lidar_voxel_m) if len(x) else (x, None)
+        idx = subsample(len(x), cfg.max_points, self.device)
+        x = x if idx is None else x[idx]
+        if len(x) < self.min_points:
+            return Alignment(T, False, f"too few LiDAR points in the camera's view ({len(x)})")
+        steps = ([cfg.eps] * cfg.rigid_steps if warm is not None else
+                 eps_schedule(cfg.eps_start, cfg.eps, cfg.eps_scaling) + [cfg.eps] * (cfg.rigid_steps - 1))
+        log, result, y = [], None, None
+        conditioning = 1.0
+        for eps in steps:
+            y = transform(T, c)
+            n = nrm @ torch.as_tensor(T[:3, :3], dtype=torch.float32, device=self.device).t()
+            solver = MultiscaleSinkhorn(eps, rho=max(cfg.rho, 4 * eps), tol=cfg.tol,
+                                        sizes=[s for s in cfg.pyramid_voxel_sizes if s * s > eps],
+                                        max_iter=cfg.max_iter, backend=self.backend)
+            result = solver(x, y, warm=warm)
+            warm = result.warm
+            if not (math.isfinite(result.marginal_error) and torch.isfinite(result.f_pad).all()):
+                return Alignment(T, False, f"solver diverged at eps={eps:g}", log)
+            both, mass = result.transport(torch.cat([y, n, planarity[:, None]], 1))
+            target, normal, plan_planarity = both[:, :3], both[:, 3:6], both[:, 6]
+            coherence = normal.norm(dim=1)
+            normal = normal / coherence.clamp_min(1e-9)[:, None]
+            mass = (mass * len(x)).clamp(0, 1)
+            r = (normal * (x - target)).sum(1)
+            s2 = max(eps, 0.03**2)
+            w = mass * coherence**2 * plan_planarity / (1 + r * r / s2) ** 2
+            if float(w.sum()) <= 0:
+                return Alignment(T, False, "no transported mass: the clouds do not overlap", log)
+            D, rms, conditioning = point_to_plane_step(x, target, normal, w)
+            log.append({"eps": eps, "iterations": result.iterations,
+                        "marginal_error": result.marginal_error, "residual_m": rms,
+                        "matched": float((mass > 0.5).float().mean()), "conditioning": conditioning})
+            if conditioning < self.min_conditioning:
+                return Alignment(T, False, f"degenerate geometry: the transform is not observable "
+                                           f"(conditioning {conditioning:.1e})", log)
+            T = D @ T
+        return Alignment(T, True, "aligned", log, result, x, c, rgb, bounds, AlignState(T, warm))

@@ -1,0 +1,209 @@
+"""One frame of the node, without DDS: messages in, messages out.
+
+    decode -> check -> align (OT) -> accept / smooth -> fuse -> encode
+
+The node calls `Pipeline.process` from its worker thread and `process-bag` calls it over a bag,
+so both run exactly the same code. `process` never raises for bad input: it says what happened
+in `FrameOutput.level` / `.message` and keeps the last good extrinsic.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ros_ot_fusion import params as P
+from ros_ot_fusion.fusion.align import Aligner, AlignConfig, AlignState, so3_exp
+from ros_ot_fusion.fusion.fuse import fuse
+from ros_ot_fusion.io import pointcloud2 as pc2
+from ros_ot_fusion.transforms import matrix_to_pose, pose_error, pose_to_matrix
+
+OK, WARN, ERROR = 0, 1, 2
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FrameOutput:
+    fused: object | None = None          # sensor_msgs/PointCloud2 (LiDAR frame)
+    extrinsic: object | None = None      # geometry_msgs/TransformStamped (LiDAR <- camera)
+    level: int = OK                      # diagnostic_msgs/DiagnosticStatus level
+    message: str = ""
+    stats: dict = field(default_factory=dict)
+
+
+def pick_device(name: str) -> tuple[torch.device, str]:
+    """The torch device for the `device` parameter, and a warning when the wish cannot be met."""
+    if name in ("auto", "cuda"):
+        try:
+            if torch.cuda.is_available():
+                torch.zeros(1, device="cuda")           # a broken driver fails here, not mid-frame
+                return torch.device("cuda"), ""
+        except Exception as exc:                         # noqa: BLE001 - any CUDA failure means CPU
+            return torch.device("cpu"), f"CUDA unusable ({exc}); running on the CPU"
+        if name == "cuda":
+            return torch.device("cpu"), "device=cuda but no CUDA device is available; running on the CPU"
+    return torch.device("cpu"), ""
+
+
+def blend(T_old: np.ndarray, T_new: np.ndarray, alpha: float) -> np.ndarray:
+    """T_old moved a fraction alpha toward T_new (geodesic on rotations, linear on translations)."""
+    dR = T_new[:3, :3] @ T_old[:3, :3].T
+    angle = math.acos(max(-1.0, min(1.0, (np.trace(dR) - 1) / 2)))
+    axis = np.array([dR[2, 1] - dR[1, 2], dR[0, 2] - dR[2, 0], dR[1, 0] - dR[0, 1]])
+    w = axis / np.linalg.norm(axis) * angle if angle > 1e-12 else np.zeros(3)
+    T = np.eye(4)
+    T[:3, :3] = so3_exp(alpha * w) @ T_old[:3, :3]
+    T[:3, 3] = (1 - alpha) * T_old[:3, 3] + alpha * T_new[:3, 3]
+    return T
+
+
+class Pipeline:
+    """Per-frame fusion with the state one sensor pair carries between frames."""
+
+    def __init__(self, params: dict):
+        self.params = P.validate(params)
+        self.device, self.device_warning = pick_device(self.params["device"])
+        self.prior = pose_to_matrix(self.params["prior_extrinsic"])
+        self.aligner = Aligner(AlignConfig.from_params(self.params), self.device)
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the warm start and the smoothed estimate (a new drive, a bag loop)."""
+        self.state: AlignState | None = None
+        self.smoothed: np.ndarray | None = None
+        self.accepted = 0
+        self.last_stamp_ns = -1
+
+    def set_params(self, changes: dict) -> None:
+        """Apply run-time changes (raises ValueError, changing nothing, when any is invalid)."""
+        for name in changes:
+            if name in P.BY_NAME and P.BY_NAME[name].read_only:
+                raise ValueError(f"{name} is read-only while running")
+        params = P.validate({**self.params, **changes})
+        self.params = params
+        self.aligner.config = AlignConfig.from_params(params)
+        if "prior_extrinsic" in changes:
+            self.prior = pose_to_matrix(params["prior_extrinsic"])
+            self.reset()
+
+    @property
+    def extrinsic(self) -> np.ndarray:
+        """The transform published now: smoothed estimate, or the prior before the first one."""
+        return self.smoothed if self.smoothed is not None else self.prior
+
+    def process(self, lidar_msg, camera_msg=None) -> FrameOutput:
+        t0 = time.perf_counter()
+        out = FrameOutput(stats={"device": self.device.type})
+        try:
+            lidar = pc2.decode(lidar_msg)
+        except pc2.PointCloudError as exc:
+            return self._fail(out, ERROR, f"malformed LiDAR message: {exc}")
+        camera, note = None, ""
+        if camera_msg is not None:
+            try:
+                camera = pc2.decode(camera_msg)
+            except pc2.PointCloudError as exc:
+                note = f"malformed camera message: {exc}"
+        p = self.params
+        if p["lidar_frame"] and lidar.frame_id != p["lidar_frame"]:
+            return self._fail(out, ERROR, f"LiDAR frame_id {lidar.frame_id!r} is not {p['lidar_frame']!r}")
+        if camera is not None and p["camera_frame"] and camera.frame_id != p["camera_frame"]:
+            camera, note = None, f"camera frame_id {camera.frame_id!r} is not {p['camera_frame']!r}"
+        if len(lidar) == 0:
+            return self._fail(out, ERROR, "LiDAR cloud has no valid points")
+        if lidar.stamp_ns < self.last_stamp_ns:
+            self.reset()
+            note = "stamps went backwards: warm start reset"
+        self.last_stamp_ns = lidar.stamp_ns
+        out.stats.update(lidar_points=len(lidar), camera_points=len(camera) if camera is not None else 0,
+                         decode_ms=_ms(t0))
+
+        t1 = time.perf_counter()
+        alignment = None
+        level, message = OK, "aligned"
+        if camera is None or len(camera) == 0:
+            level, message = WARN, note or "no camera cloud: LiDAR only"
+        else:
+            alignment, level, message, stats = self._align(lidar, camera)
+            out.stats.update(stats)
+            if note:
+                level, message = max(level, WARN), f"{message}; {note}"
+        out.stats["align_ms"] = _ms(t1)
+
+        t2 = time.perf_counter()
+        T = self.extrinsic
+        columns = fuse(self.aligner, lidar.xyz, lidar.intensity, None if camera is None else camera.xyz,
+                       None if camera is None else camera.rgb, T, alignment, p["fused_content"])
+        out.stats["fuse_ms"] = _ms(t2)
+
+        t3 = time.perf_counter()
+        header = lidar_msg.header
+        out.fused = pc2.encode(header, columns["xyz"], rgb=columns["rgb"], intensity=columns["intensity"],
+                               extra={"confidence": columns["confidence"]})
+        out.extrinsic = transform_msg(header, camera.frame_id if camera is not None and camera.frame_id
+                                      else (p["camera_frame"] or "camera"), T)
+        out.stats["encode_ms"] = _ms(t3)
+        out.stats["total_ms"] = _ms(t0)
+        out.level, out.message = level, message
+        return out
+
+    def _align(self, lidar, camera):
+        """Align one frame; accept, smooth or refuse the estimate.
+        Returns (alignment for fusing or None, level, message, stats)."""
+        p = self.params
+        try:
+            a = self.aligner.align(lidar.xyz, camera.xyz, camera.rgb, state=self.state, prior=self.prior)
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            budget = max(1000, self.aligner.config.max_points // 2)
+            self.params["max_points"] = self.aligner.config.max_points = budget
+            self.state = None
+            return None, WARN, f"GPU out of memory: point budget lowered to {budget}", {}
+        except (FloatingPointError, RuntimeError, ValueError) as exc:
+            self.state = None
+            return None, ERROR, f"alignment failed ({exc}); keeping the last extrinsic", {}
+        stats = {"iterations": a.iterations, "solves": len(a.steps)}
+        if a.steps:
+            last = a.steps[-1]
+            stats.update(marginal_error=last["marginal_error"], residual_m=last["residual_m"],
+                         matched=last["matched"], conditioning=last["conditioning"], eps=last["eps"])
+        if not a.ok:
+            self.state = None
+            return a if a.result is not None else None, WARN, f"{a.reason}; keeping the last extrinsic", stats
+        rot, trans = pose_error(a.T, self.prior)
+        if rot > p["max_correction_deg"] or trans > p["max_correction_m"]:
+            self.state = None
+            return None, WARN, (f"estimate {rot:.2f} deg / {trans:.3f} m from the prior exceeds the limits; "
+                                f"keeping the last extrinsic"), stats
+        self.state = a.state
+        self.accepted += 1
+        if self.smoothed is None or not p["smoothing"]:
+            self.smoothed = a.T
+        else:                            # a running mean at first, then exponential smoothing
+            self.smoothed = blend(self.smoothed, a.T, max(p["smoothing_alpha"], 1.0 / self.accepted))
+        return a, OK, "aligned", stats
+
+    def _fail(self, out: FrameOutput, level: int, message: str) -> FrameOutput:
+        out.level, out.message = level, message
+        return out
+
+
+def transform_msg(header, child_frame: str, T: np.ndarray):
+    from geometry_msgs.msg import TransformStamped
+
+    x, y, z, qx, qy, qz, qw = (float(v) for v in matrix_to_pose(T))
+    msg = TransformStamped()
+    msg.header = header
+    msg.child_frame_id = child_frame
+    msg.transform.translation.x, msg.transform.translation.y, msg.transform.translation.z = x, y, z
+    msg.transform.rotation.x, msg.transform.rotation.y = qx, qy
+    msg.transform.rotation.z, msg.transform.rotation.w = qz, qw
+    return msg
+
+
+def _ms(t0: float) -> float:
+    return (time.perf_counter() - t0) * 1e3
