@@ -92,9 +92,11 @@ def marginal_error(problem: Problem, f: torch.Tensor, f_soft: torch.Tensor, eps:
                    rho: float | None) -> torch.Tensor:
     """|| pi 1 - a exp(-f/rho) ||_1 for the plan (f, g) whose row soft-min is f_soft (0-d tensor)."""
     a = problem.x.logw.exp()
-    target = 1.0 if rho is None else torch.exp(-f / rho)
-    # clamped: far from the fixed point a row's mass can be e^1000 off; report it as large, not inf
-    return (a * (torch.exp(((f - f_soft) / eps).clamp_max(50.0)) - target).abs()).sum()
+    # clamped: far from the fixed point a row's mass can be e^1000 off; report it as large, not
+    # inf (and padding, where a = 0, must not turn inf into nan)
+    target = 1.0 if rho is None else torch.exp((-f / rho).clamp_max(50.0))
+    gap = a * (torch.exp(((f - f_soft) / eps).clamp_max(50.0)) - target).abs()
+    return torch.where(a > 0, gap, torch.zeros_like(gap)).sum()
 
 
 @dataclass
