@@ -1,0 +1,193 @@
+"""Play a ROS 2 bag into DDS at its recorded timing, like `ros2 bag play [--clock] [--loop]`.
+
+    ros-ot-fusion replay BAG [--rate R] [--loop] [--clock] [--topics T ...]
+                             [--qos best_effort|reliable] [--start-delay S] [--ros-args ...]
+
+Messages go out as the CDR bytes stored in the bag (no deserialization): one publisher per
+topic with the recorded message type. With `--clock`, `/clock` (rosgraph_msgs/Clock) carries
+the bag's time at about 100 Hz and at every message, so nodes run with `use_sim_time:=true`
+see the recorded time; with `--loop` that clock jumps back at each restart (as the recording
+does). Before the first message it waits until every topic has a subscriber, or
+`--start-delay` seconds at most, so a node started alongside does not miss the start.
+"""
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import time
+from pathlib import Path
+
+CLOCK_PERIOD_S = 0.01               # /clock at 100 Hz
+PROGRESS_PERIOD_S = 1.0
+MATCH_GRACE_S = 0.3                 # after discovery matched, let the readers finish matching
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("bag", help="bag directory (MCAP or sqlite3)")
+    parser.add_argument("--rate", type=float, default=1.0, help="playback speed factor (default 1)")
+    parser.add_argument("--loop", action="store_true", help="start again at the end, until Ctrl-C")
+    parser.add_argument("--clock", action="store_true",
+                        help="publish /clock with the bag's time (~100 Hz and at each message)")
+    parser.add_argument("--topics", nargs="+", metavar="T", help="play only these topics")
+    parser.add_argument("--qos", choices=("best_effort", "reliable"), default="reliable",
+                        help="publisher reliability (reliable also serves best-effort subscribers)")
+    parser.add_argument("--start-delay", type=float, default=1.0, metavar="S",
+                        help="wait at most this long for subscribers before the first message (s)")
+    parser.add_argument("--ros-args", dest="ros_args", nargs=argparse.REMAINDER, default=[],
+                        help="arguments for ROS (remappings, ...), to the end of the line")
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    return replay(args.bag, rate=args.rate, loop=args.loop, clock=args.clock, topics=args.topics,
+                  qos=args.qos, start_delay=args.start_delay, ros_args=args.ros_args)
+
+
+def _say(text: str, end: str = "\n") -> None:
+    print(text, file=sys.stderr, end=end, flush=True)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def replay(bag: str | Path, rate: float = 1.0, loop: bool = False, clock: bool = False,
+           topics: list[str] | None = None, qos: str = "reliable", start_delay: float = 1.0,
+           ros_args: list[str] | None = None) -> int:
+    """Play `bag`; 0 when done or interrupted, 2 for a bad request."""
+    from rosbags.rosbag2 import Reader
+
+    from ros_ot_fusion.io.bag import bag_topics
+
+    if not rate > 0:
+        _say(f"replay: --rate must be positive, got {rate}")
+        return 2
+    try:
+        recorded = bag_topics(bag)
+        with Reader(Path(bag)) as reader:
+            start_ns, duration_ns = reader.start_time, reader.duration
+    except Exception as exc:  # noqa: BLE001 - any unreadable bag: say why
+        _say(f"replay: cannot read {bag}: {exc}")
+        return 2
+    missing = sorted(set(topics or ()) - set(recorded))
+    if missing:
+        _say(f"replay: not in the bag: {', '.join(missing)} (it has {', '.join(sorted(recorded))})")
+        return 2
+    wanted = sorted(topics or recorded)
+
+    import rclpy
+    from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
+    from rclpy.signals import SignalHandlerOptions
+
+    # Python's own handlers: Ctrl-C (and SIGTERM) raise KeyboardInterrupt between publishes.
+    rclpy.init(args=["replay", "--ros-args", *ros_args] if ros_args else ["replay"],
+               signal_handler_options=SignalHandlerOptions.NO)
+    # explicitly: a process started in the background by a script inherits SIGINT ignored
+    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
+    node = rclpy.create_node("ros_ot_fusion_replay")
+    player = None
+    try:
+        profile = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=10,
+                             durability=DurabilityPolicy.VOLATILE,
+                             reliability=ReliabilityPolicy.RELIABLE if qos == "reliable"
+                             else ReliabilityPolicy.BEST_EFFORT)
+        player = Player(node, bag, wanted, {t: recorded[t][0] for t in wanted}, profile, rate, clock,
+                        start_ns, duration_ns)
+        if not player.publishers:
+            _say("replay: no topic to play")
+            return 2
+        player.wait_for_subscribers(start_delay)
+        while True:
+            player.play_once()
+            if not loop or player.sent == 0:
+                break
+        _say(f"replay: done, {player.sent} messages in {player.loops} pass(es)")
+    except KeyboardInterrupt:
+        if player is not None:
+            _say(f"\nreplay: interrupted after {player.sent} messages")
+    finally:
+        node.destroy_node()
+        rclpy.try_shutdown()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 0
+
+
+class Player:
+    """Publishes one pass of a bag at recorded timing / rate, with /clock when asked."""
+
+    def __init__(self, node, bag, topics, types, profile, rate, clock, start_ns, duration_ns):
+        from rosgraph_msgs.msg import Clock
+
+        from ros_ot_fusion.io.bag import message_class
+
+        self.node, self.bag, self.topics, self.rate = node, bag, topics, rate
+        self.start_ns, self.duration_ns = start_ns, duration_ns
+        self.publishers = {}
+        for topic in topics:
+            try:
+                self.publishers[topic] = node.create_publisher(message_class(types[topic]), topic, profile)
+            except (ImportError, AttributeError, ValueError) as exc:
+                _say(f"replay: skipping {topic}: no Python message type {types[topic]} ({exc})")
+        self._clock_msg = Clock
+        self.clock_pub = node.create_publisher(Clock, "/clock", 10) if clock else None
+        self.sent = 0
+        self.loops = 0
+        self._last_clock = 0.0
+        self._tty = sys.stderr.isatty()
+
+    def publish_clock(self, ns: int) -> None:
+        if self.clock_pub is None:
+            return
+        msg = self._clock_msg()
+        msg.clock.sec, msg.clock.nanosec = divmod(int(ns), 1_000_000_000)
+        self.clock_pub.publish(msg)
+        self._last_clock = time.monotonic()
+
+    def wait_for_subscribers(self, start_delay: float) -> None:
+        """Until every topic has a subscriber (plus a short grace), at most `start_delay` s."""
+        deadline = time.monotonic() + max(0.0, start_delay)
+        matched_at = None
+        while time.monotonic() < deadline:
+            self.publish_clock(self.start_ns)            # sim-time nodes start at the bag's start
+            if matched_at is None and all(p.get_subscription_count() > 0
+                                          for p in self.publishers.values()):
+                matched_at = time.monotonic()
+            if matched_at is not None and time.monotonic() - matched_at >= MATCH_GRACE_S:
+                return
+            time.sleep(CLOCK_PERIOD_S)
+
+    def play_once(self) -> None:
+        from ros_ot_fusion.io.bag import read_bag
+
+        self.loops += 1
+        first = t0 = None
+        next_progress = time.monotonic() + PROGRESS_PERIOD_S
+        sent_before = self.sent
+        for topic, stamp, data in read_bag(self.bag, topics=list(self.publishers), raw=True):
+            if first is None:
+                first, t0 = stamp, time.monotonic()
+            target = t0 + (stamp - first) / 1e9 / self.rate
+            while True:                                  # wait for the message's time, ticking /clock
+                now = time.monotonic()
+                if now >= target:
+                    break
+                if self.clock_pub is not None and now - self._last_clock >= CLOCK_PERIOD_S:
+                    self.publish_clock(min(stamp, first + int((now - t0) * self.rate * 1e9)))
+                time.sleep(min(target - now, CLOCK_PERIOD_S if self.clock_pub is not None else 0.1))
+            self.publish_clock(stamp)
+            self.publishers[topic].publish(data if isinstance(data, bytes) else bytes(data))
+            self.sent += 1
+            if time.monotonic() >= next_progress:
+                next_progress += PROGRESS_PERIOD_S
+                self._progress(stamp, self.sent - sent_before)
+        if first is not None:
+            self._progress(first + int((time.monotonic() - t0) * self.rate * 1e9), self.sent - sent_before,
+                           final=True)
+
+    def _progress(self, stamp: int, count: int, final: bool = False) -> None:
+        position = (stamp - self.start_ns) / 1e9
+        text = (f"replay: pass {self.loops}  {position:7.2f} / {self.duration_ns / 1e9:.2f} s  "
+                f"{count} messages  (rate {self.rate:g})")
+        _say(text, end="\n" if final or not self._tty else "\r")
