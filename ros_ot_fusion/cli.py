@@ -5,11 +5,6 @@ import argparse
 import sys
 
 
-def _not_yet(args) -> int:
-    print(f"ros-ot-fusion {args.command}: not yet implemented", file=sys.stderr)
-    return 2
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ros-ot-fusion", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -46,8 +41,12 @@ def build_parser() -> argparse.ArgumentParser:
     proc.add_argument("--png", help="write a top view of the last frame before/after alignment here")
     proc.add_argument("--storage", choices=("mcap", "sqlite3"), default="mcap")
     proc.set_defaults(run=_process_bag)
-    for name in ("demo",):
-        sub.add_parser(name, help="(coming)").set_defaults(run=_not_yet)
+    demo = sub.add_parser("demo", help="simulate a drive, replay it through the node over DDS, report")
+    demo.add_argument("--out", default="build/demo", help="output folder (replaced)")
+    demo.add_argument("--frames", type=int, default=20)
+    demo.add_argument("--rate", type=float, help="replay speed (default: 1 on a GPU, 0.1 on the CPU)")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(run=_demo)
     return parser
 
 
@@ -78,6 +77,12 @@ def _process_bag(args) -> int:
         return 2
     print(json.dumps(summary, indent=1) if args.json else report(summary))
     return 0
+
+
+def _demo(args) -> int:
+    from ros_ot_fusion.demo import run_demo
+
+    return run_demo(args.out, args.frames, args.rate, args.seed)
 
 
 def _bag_info(args) -> int:

@@ -44,6 +44,8 @@ PARAMS: tuple[Param, ...] = (
           "prior camera->LiDAR transform [x y z qx qy qz qw]: p_lidar = R p_camera + t"),
     Param("min_range_m", 0.5, "points nearer than this to their sensor are dropped (m)", 0.0, 100.0),
     Param("max_range_m", 80.0, "points farther than this from their sensor are dropped (m)", 1.0, 1000.0),
+    Param("camera_max_range_m", 20.0, "camera points farther than this are not used for alignment "
+          "(depth noise grows with range) (m)", 1.0, 1000.0),
     Param("lidar_voxel_m", 0.25, "LiDAR voxel size for alignment (m)", 0.01, 5.0),
     Param("camera_voxel_m", 0.25, "camera voxel size for alignment (m)", 0.01, 5.0),
     Param("normal_radius_m", 0.4, "neighbourhood for the camera surface normals (m)", 0.05, 10.0),
@@ -65,8 +67,10 @@ PARAMS: tuple[Param, ...] = (
     # output
     Param("fused_content", "both", "fused cloud: LiDAR points, camera points moved to the LiDAR frame, or both",
           choices=("both", "lidar", "camera")),
-    Param("smoothing", True, "smooth the extrinsic over frames (it changes slowly; a frame's estimate is noisy)"),
-    Param("smoothing_alpha", 0.2, "weight of a new frame's estimate in the smoothed extrinsic", 0.01, 1.0),
+    Param("smoothing", True, "fuse each frame's constraints with those of earlier frames (the extrinsic "
+          "changes slowly; one frame pins some directions down poorly)"),
+    Param("smoothing_alpha", 0.2, "how fast earlier frames are forgotten: their information decays by "
+          "(1 - smoothing_alpha) per frame", 0.01, 1.0),
     Param("max_correction_deg", 15.0, "estimates farther than this from the prior are refused (deg)", 0.1, 180.0),
     Param("max_correction_m", 1.0, "estimates farther than this from the prior are refused (m)", 0.01, 100.0),
 )

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ros_ot_fusion import params as P
-from ros_ot_fusion.fusion.align import Aligner, AlignConfig, AlignState, so3_exp
+from ros_ot_fusion.fusion.align import Aligner, AlignConfig, AlignState
 from ros_ot_fusion.fusion.fuse import fuse
 from ros_ot_fusion.io import pointcloud2 as pc2
 from ros_ot_fusion.transforms import matrix_to_pose, pose_error, pose_to_matrix
@@ -49,18 +49,6 @@ def pick_device(name: str) -> tuple[torch.device, str]:
     return torch.device("cpu"), ""
 
 
-def blend(T_old: np.ndarray, T_new: np.ndarray, alpha: float) -> np.ndarray:
-    """T_old moved a fraction alpha toward T_new (geodesic on rotations, linear on translations)."""
-    dR = T_new[:3, :3] @ T_old[:3, :3].T
-    angle = math.acos(max(-1.0, min(1.0, (np.trace(dR) - 1) / 2)))
-    axis = np.array([dR[2, 1] - dR[1, 2], dR[0, 2] - dR[2, 0], dR[1, 0] - dR[0, 1]])
-    w = axis / np.linalg.norm(axis) * angle if angle > 1e-12 else np.zeros(3)
-    T = np.eye(4)
-    T[:3, :3] = so3_exp(alpha * w) @ T_old[:3, :3]
-    T[:3, 3] = (1 - alpha) * T_old[:3, 3] + alpha * T_new[:3, 3]
-    return T
-
-
 class Pipeline:
     """Per-frame fusion with the state one sensor pair carries between frames."""
 
@@ -74,7 +62,7 @@ class Pipeline:
     def reset(self) -> None:
         """Forget the warm start and the smoothed estimate (a new drive, a bag loop)."""
         self.state: AlignState | None = None
-        self.smoothed: np.ndarray | None = None
+        self.smoothed: np.ndarray | None = None    # the estimate published (the prior before one)
         self.accepted = 0
         self.last_stamp_ns = -1
 
@@ -181,10 +169,7 @@ class Pipeline:
                                 f"keeping the last extrinsic"), stats
         self.state = a.state
         self.accepted += 1
-        if self.smoothed is None or not p["smoothing"]:
-            self.smoothed = a.T
-        else:                            # a running mean at first, then exponential smoothing
-            self.smoothed = blend(self.smoothed, a.T, max(p["smoothing_alpha"], 1.0 / self.accepted))
+        self.smoothed = a.T           # already fused with the earlier frames' information (align.py)
         return a, OK, "aligned", stats
 
     def _fail(self, out: FrameOutput, level: int, message: str) -> FrameOutput:

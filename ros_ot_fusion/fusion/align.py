@@ -33,6 +33,7 @@ from ros_ot_fusion.ot.sinkhorn import eps_schedule
 class AlignConfig:
     min_range_m: float = 0.5
     max_range_m: float = 80.0
+    camera_max_range_m: float = 20.0
     lidar_voxel_m: float = 0.25
     camera_voxel_m: float = 0.25
     normal_radius_m: float = 0.4
@@ -47,6 +48,7 @@ class AlignConfig:
     max_iter: int = 300
     rigid_steps: int = 3
     warm_start: bool = True
+    memory: float = 0.8             # per-frame decay of earlier frames' information (0: none)
 
     @classmethod
     def from_params(cls, p: dict) -> "AlignConfig":
@@ -54,6 +56,7 @@ class AlignConfig:
         kw = {k: v for k, v in p.items() if k in names}
         kw["eps_start"], kw["eps"] = p["eps_schedule"]
         kw["pyramid_voxel_sizes"] = tuple(p["pyramid_voxel_sizes"])
+        kw["memory"] = 1.0 - p["smoothing_alpha"] if p["smoothing"] else 0.0
         return cls(**kw)
 
 
@@ -63,6 +66,7 @@ class AlignState:
 
     T: np.ndarray                          # 4x4 camera -> LiDAR, the last estimate
     warm: WarmStart | None = None          # the last plan's potentials (None: cold start)
+    information: np.ndarray | None = None  # 6x6: what the frames so far constrain (twists about the origin)
 
 
 @dataclass
@@ -173,13 +177,30 @@ def so3_exp(w: np.ndarray) -> np.ndarray:
     return np.eye(3) + math.sin(theta) / theta * K + (1 - math.cos(theta)) / theta**2 * K @ K
 
 
-def point_to_plane_step(x, y, n, w):
-    """Weighted Gauss-Newton step moving targets y (k, 3) so that n . (x - y) -> 0.
+def so3_log(R: np.ndarray) -> np.ndarray:
+    """Rotation vector (axis * angle) of a rotation matrix (angles under pi)."""
+    angle = math.acos(max(-1.0, min(1.0, (np.trace(R) - 1) / 2)))
+    w = np.array([R[2, 1] - R[1, 2], R[0, 2] - R[2, 0], R[1, 0] - R[0, 1]]) / 2
+    return w if angle < 1e-9 else w * angle / math.sin(angle)
+
+
+def _skew(c: np.ndarray) -> np.ndarray:
+    return np.array([[0, -c[2], c[1]], [c[2], 0, -c[0]], [-c[1], c[0], 0]])
+
+
+def point_to_plane_step(x, y, n, w, prior=None):
+    """Weighted Gauss-Newton step (a `Step`) moving targets y (k, 3) so that n . (x - y) -> 0.
 
     Linearised about the targets' centroid c: y' = c + R (y - c) + v with R = exp([omega]x), the
-    residual changes by -(omega . ((y - c) x n) + n . v). Returns (delta 4x4, weighted RMS residual
-    before the step, conditioning: the smallest over the largest eigenvalue of the normal matrix
-    with rotations scaled to metres by the cloud's radius)."""
+    residual changes by -(omega . ((y - c) x n) + n . v). Also returns the weighted RMS residual
+    before the step and the conditioning: the smallest over the largest eigenvalue of the normal
+    matrix with rotations scaled to metres by the cloud's radius (this frame's observability).
+
+    prior=(P, e): information P (6x6) that earlier frames hold about the correction, centred on
+    the twist e (the step that would return to their estimate), both about the origin; the step
+    minimises this frame's residuals plus (delta - e)' P (delta - e). The step's `information`
+    is this frame's normal matrix about the origin, for the frames to come.
+    """
     w = w.double()
     x, y, n = x.double(), y.double(), n.double()
     wsum = w.sum().clamp_min(1e-30)
@@ -193,12 +214,52 @@ def point_to_plane_step(x, y, n, w):
     scale = np.diag([1 / radius] * 3 + [1.0] * 3)
     ev = np.linalg.eigvalsh(scale @ H @ scale)
     conditioning = float(ev[0] / ev[-1]) if ev[-1] > 0 else 0.0
-    delta = np.linalg.solve(H + 1e-9 * np.trace(H) * np.eye(6), b)
-    D = np.eye(4)
-    D[:3, :3] = so3_exp(delta[:3])
-    D[:3, 3] = c - D[:3, :3] @ c + delta[3:]
+    # twists about c (omega, v) and about the origin (omega, u): u = v + c x omega, i.e. z_o = M z_c
+    M = np.eye(6)
+    M[3:, :3] = _skew(c)
+    Minv = np.linalg.inv(M)
+    A, rhs = H, b
+    if prior is not None:
+        P, e = prior
+        Pc = M.T @ P @ M
+        A, rhs = H + Pc, b + Pc @ (Minv @ e)
+    delta = np.linalg.solve(A + 1e-9 * np.trace(A) * np.eye(6), rhs)
     rms = float(torch.sqrt((w * r * r).sum() / wsum))
-    return D, rms, conditioning
+    return Step(delta, c, radius, rms, conditioning, Minv.T @ H @ Minv)
+
+
+@dataclass
+class Step:
+    """A Gauss-Newton step: the twist (omega, v) about the centre c."""
+
+    delta: np.ndarray
+    centre: np.ndarray
+    radius: float                  # metres per radian: the targets' spread, to compare the parts
+    rms: float
+    conditioning: float
+    information: np.ndarray | None = None   # this frame's normal matrix, twists about the origin
+
+    def scaled(self) -> np.ndarray:
+        return np.concatenate([self.delta[:3] * self.radius, self.delta[3:]])
+
+    def matrix(self, factor: float = 1.0) -> np.ndarray:
+        D = np.eye(4)
+        D[:3, :3] = so3_exp(factor * self.delta[:3])
+        D[:3, 3] = self.centre - D[:3, :3] @ self.centre + factor * self.delta[3:]
+        return D
+
+
+def extrapolation(step: Step, previous: Step | None, max_factor: float = 8.0) -> float:
+    """How far to take a step that repeats the last one in direction: ICP creeps along weakly
+    constrained directions (each step a fixed fraction q of the remaining error), so the rest
+    of a geometric series, 1 / (1 - q), is taken at once. The next solve corrects an overshoot."""
+    if previous is None:
+        return 1.0
+    a, b = step.scaled(), previous.scaled()
+    na, nb = np.linalg.norm(a), np.linalg.norm(b)
+    if na == 0 or nb == 0 or a @ b / (na * nb) < 0.9 or na >= 0.95 * nb:
+        return 1.0
+    return min(1.0 / (1.0 - na / nb), max_factor)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -217,7 +278,7 @@ class Aligner:
         """Camera points (camera frame) -> voxel centroids, their normals, planarity, colours, view."""
         cfg = self.config
         c = torch.as_tensor(camera_xyz, dtype=torch.float32).to(self.device)
-        keep = in_range(c, cfg.min_range_m, cfg.max_range_m)
+        keep = in_range(c, cfg.min_range_m, min(cfg.max_range_m, cfg.camera_max_range_m))
         rgb = None if camera_rgb is None else torch.as_tensor(camera_rgb).to(self.device)[keep]
         c = c[keep]
         if len(c) < self.min_points:
@@ -257,8 +318,12 @@ class Aligner:
             return Alignment(T, False, f"too few LiDAR points in the camera's view ({len(x)})")
         steps = ([cfg.eps] * cfg.rigid_steps if warm is not None else
                  eps_schedule(cfg.eps_start, cfg.eps, cfg.eps_scaling) + [cfg.eps] * (cfg.rigid_steps - 1))
-        log, result, y = [], None, None
-        conditioning = 1.0
+        # earlier frames' information, decayed, holds what this frame alone cannot pin down
+        memory = None
+        if state is not None and state.information is not None and cfg.memory > 0:
+            memory = cfg.memory * state.information
+        T_before = T.copy()
+        log, result, previous, information = [], None, None, None
         for eps in steps:
             y = transform(T, c)
             n = nrm @ torch.as_tensor(T[:3, :3], dtype=torch.float32, device=self.device).t()
@@ -268,23 +333,32 @@ class Aligner:
             result = solver(x, y, warm=warm)
             warm = result.warm
             if not (math.isfinite(result.marginal_error) and torch.isfinite(result.f_pad).all()):
-                return Alignment(T, False, f"solver diverged at eps={eps:g}", log)
+                return Alignment(T_before, False, f"solver diverged at eps={eps:g}", log)
             both, mass = result.transport(torch.cat([y, n, planarity[:, None]], 1))
             target, normal, plan_planarity = both[:, :3], both[:, 3:6], both[:, 6]
             coherence = normal.norm(dim=1)
             normal = normal / coherence.clamp_min(1e-9)[:, None]
             mass = (mass * len(x)).clamp(0, 1)
             r = (normal * (x - target)).sum(1)
-            s2 = max(eps, 0.03**2)
+            s2 = 4 * max(eps, 0.05**2)                   # Geman-McClure scale: 2 blurs, at least 10 cm
             w = mass * coherence**2 * plan_planarity / (1 + r * r / s2) ** 2
             if float(w.sum()) <= 0:
-                return Alignment(T, False, "no transported mass: the clouds do not overlap", log)
-            D, rms, conditioning = point_to_plane_step(x, target, normal, w)
+                return Alignment(T_before, False, "no transported mass: the clouds do not overlap", log)
+            final = eps == cfg.eps
+            back = None if memory is None else np.concatenate([so3_log(T_before[:3, :3] @ T[:3, :3].T),
+                                                               (T_before @ np.linalg.inv(T))[:3, 3]])
+            step = point_to_plane_step(x, target, normal, w, None if (memory is None or not final) else (memory, back))
+            factor = extrapolation(step, previous) if final else 1.0
+            previous = step if final else None
             log.append({"eps": eps, "iterations": result.iterations,
-                        "marginal_error": result.marginal_error, "residual_m": rms,
-                        "matched": float((mass > 0.5).float().mean()), "conditioning": conditioning})
-            if conditioning < self.min_conditioning:
-                return Alignment(T, False, f"degenerate geometry: the transform is not observable "
-                                           f"(conditioning {conditioning:.1e})", log)
-            T = D @ T
-        return Alignment(T, True, "aligned", log, result, x, c, rgb, bounds, AlignState(T, warm))
+                        "marginal_error": result.marginal_error, "residual_m": step.rms,
+                        "matched": float((mass > 0.5).float().mean()), "conditioning": step.conditioning,
+                        "extrapolation": factor})
+            if step.conditioning < self.min_conditioning:
+                return Alignment(T_before, False, f"degenerate geometry: the transform is not observable "
+                                                  f"(conditioning {step.conditioning:.1e})", log)
+            T = step.matrix(factor) @ T
+            information = step.information
+        if memory is not None:
+            information = information + memory
+        return Alignment(T, True, "aligned", log, result, x, c, rgb, bounds, AlignState(T, warm, information))
