@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from torch.profiler import record_function
 
 from ros_ot_fusion.ot.multiscale import MultiscaleResult, MultiscaleSinkhorn, WarmStart, cluster, voxel_keys
 from ros_ot_fusion.ot.sinkhorn import eps_schedule
@@ -306,7 +307,8 @@ class Aligner:
         T = (state.T if state is not None else prior).copy()
         warm = state.warm if (state is not None and cfg.warm_start) else None
         lidar = torch.as_tensor(lidar_xyz, dtype=torch.float32).to(self.device)
-        cam = self.preprocess_camera(camera_xyz, camera_rgb)
+        with record_function("align.preprocess_camera"):
+            cam = self.preprocess_camera(camera_xyz, camera_rgb)
         if cam is None:
             return Alignment(T, False, "too few camera points")
         c, nrm, planarity, rgb, bounds = cam
@@ -330,11 +332,13 @@ class Aligner:
             solver = MultiscaleSinkhorn(eps, rho=max(cfg.rho, 4 * eps), tol=cfg.tol,
                                         sizes=[s for s in cfg.pyramid_voxel_sizes if s * s > eps],
                                         max_iter=cfg.max_iter, backend=self.backend)
-            result = solver(x, y, warm=warm)
+            with record_function("align.solve"):
+                result = solver(x, y, warm=warm)
             warm = result.warm
             if not (math.isfinite(result.marginal_error) and torch.isfinite(result.f_pad).all()):
                 return Alignment(T_before, False, f"solver diverged at eps={eps:g}", log)
-            both, mass = result.transport(torch.cat([y, n, planarity[:, None]], 1))
+            with record_function("align.transport"):
+                both, mass = result.transport(torch.cat([y, n, planarity[:, None]], 1))
             target, normal, plan_planarity = both[:, :3], both[:, 3:6], both[:, 6]
             coherence = normal.norm(dim=1)
             normal = normal / coherence.clamp_min(1e-9)[:, None]
