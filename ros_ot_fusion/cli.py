@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="simulate a drive, replay it through the node over DDS, report")
     demo.add_argument("--out", default="build/demo", help="output folder (replaced)")
     demo.add_argument("--frames", type=int, default=20)
-    demo.add_argument("--rate", type=float, help="replay speed (default: 1 on a GPU, 0.1 on the CPU)")
+    demo.add_argument("--rate", type=float, help="replay speed (default: 1 on a GPU, 0.05 on the CPU)")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(run=_demo)
     return parser
