@@ -155,7 +155,9 @@ def load_params_file(path: str | Path, node_name: str = NODE_NAME) -> dict:
     if not isinstance(doc, dict):
         raise ValueError(f"{path}: not a ROS 2 params file (a mapping of node names)")
     found = {}
-    for key in ("/**", node_name, "/" + node_name):
+    # wildcards first, then the node's own keys: "ros_ot_fusion", "/ros_ot_fusion", "/**/ros_ot_fusion"
+    keys = ["/**"] + [k for k in doc if k != "/**" and str(k).lstrip("/").split("/")[-1] == node_name]
+    for key in keys:
         section = doc.get(key)
         if isinstance(section, dict):
             found.update(section.get("ros__parameters") or {})
