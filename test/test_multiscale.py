@@ -90,3 +90,18 @@ def test_triton_backend_runs_the_sparse_solver():
     assert triton_res.levels[-1]["pairs"] < 1.0
     torch.testing.assert_close(triton_res.f, torch_res.f, atol=1e-4, rtol=0)
     torch.testing.assert_close(triton_res.g, torch_res.g, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.skipif(
+    DEVICE == "cpu", reason="45 s in Triton's interpreter; the barycenter kernel has its own CPU tests"))])
+def test_transfer_onto_the_solved_rows_reproduces_the_plan(backend):
+    """transfer() treats new points as rows of the plan: given the solved rows themselves it must
+    give the plan's own barycentres and mass ratios; far away points get no mass."""
+    x, y = sheet(200, 20), sheet(240, 21, (0.03, 0, 0))
+    res = MultiscaleSinkhorn(0.01, rho=0.5, tol=1e-5, block=32, dense_blocks=0, sizes=[1.0], backend=backend)(x, y)
+    v = torch.randn(len(y), 2, device=DEVICE)
+    values, ratio = res.transfer(x, v)
+    torch.testing.assert_close(values, res.apply(v), atol=1e-4, rtol=0)
+    torch.testing.assert_close(ratio, res.row_mass() * len(x), atol=2e-3, rtol=2e-3)
+    _, far = res.transfer(x + 50.0, v)
+    assert far.max().item() < 1e-6
