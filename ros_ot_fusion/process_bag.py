@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ros_ot_fusion.io.bag import BagWriter, read_bag
+from ros_ot_fusion.io.bag import BagWriter, bag_topics, read_bag
 from ros_ot_fusion.pipeline import Pipeline
 from ros_ot_fusion.sync import CameraBuffer, stamp_ns
 from ros_ot_fusion.transforms import pose_error, pose_to_matrix
@@ -63,8 +63,6 @@ def process_bag(in_bag: str | Path, out_bag: str | Path | None, params: dict, st
         raise FileExistsError(f"{out_bag} exists; not overwriting it")
     p = pipe.params
     lidar_topic, camera_topic = p["lidar_topic"], p["camera_topic"]
-    from ros_ot_fusion.io.bag import bag_topics
-
     topics = bag_topics(in_bag)
     for needed in (lidar_topic, camera_topic):
         if needed not in topics:
@@ -81,7 +79,7 @@ def process_bag(in_bag: str | Path, out_bag: str | Path | None, params: dict, st
         camera_msg = cameras.nearest(stamp)
         out = pipe.process(lidar_msg, camera_msg)
         row = {"stamp_ns": stamp, "level": out.level, "message": out.message, **out.stats}
-        gt = truth.get(stamp) if stamp in truth else (truth[max(truth)] if truth else None)
+        gt = truth.get(stamp, truth[max(truth)] if truth else None)     # else the latest
         if gt is not None and out.extrinsic is not None:
             row["rot_err_deg"], row["trans_err_m"] = pose_error(transform_to_matrix(out.extrinsic), gt)
         frames.append(row)
@@ -190,5 +188,5 @@ def summarize(frames: list[dict], settle_s: float = 1.0) -> dict:
             "rot_deg": _percentiles(rot), "trans_m": _percentiles(trans),
             "within_0.5deg_5cm": float(np.mean((rot <= 0.5) & (trans <= 0.05))),
         }
-    summary["per_frame"] = [{k: v for k, v in f.items()} for f in frames]
+    summary["per_frame"] = frames
     return summary

@@ -349,9 +349,11 @@ class Aligner:
             if float(w.sum()) <= 0:
                 return Alignment(T_before, False, "no transported mass: the clouds do not overlap", log)
             final = eps == cfg.eps
-            back = None if memory is None else np.concatenate([so3_log(T_before[:3, :3] @ T[:3, :3].T),
-                                                               (T_before @ np.linalg.inv(T))[:3, 3]])
-            step = point_to_plane_step(x, target, normal, w, None if (memory is None or not final) else (memory, back))
+            fused = None
+            if final and memory is not None:         # the step back to the last estimate, about the origin
+                back = T_before @ np.linalg.inv(T)
+                fused = (memory, np.concatenate([so3_log(back[:3, :3]), back[:3, 3]]))
+            step = point_to_plane_step(x, target, normal, w, fused)
             factor = extrapolation(step, previous) if final else 1.0
             previous = step if final else None
             log.append({"eps": eps, "iterations": result.iterations,
