@@ -160,6 +160,7 @@ def _good():
     (lambda m: setattr(m.fields[0], "datatype", 42), "unknown datatype 42"),
     (lambda m: setattr(m.fields[1], "count", 0), "count 0"),
     (lambda m: m.fields.append(PointField(name="x", offset=0, datatype=7, count=1)), "twice"),
+    (lambda m: setattr(m.fields[0], "count", 2), "'x' has count 2"),     # found by the pipeline fuzz test
 ])
 def test_malformed_messages_raise_one_clear_error(breakage, reason):
     msg = _good()

@@ -101,6 +101,9 @@ def _native(a: np.ndarray) -> np.ndarray:
 
 
 def _xyz(table: np.ndarray) -> np.ndarray:
+    for k in "xyz":
+        if table.dtype[k].shape:
+            raise PointCloudError(f"field {k!r} has count {table.dtype[k].shape[0]}; a coordinate needs count 1")
     xyz = np.empty((len(table), 3), np.float32)
     for i, k in enumerate("xyz"):       # column by column: 4x faster than a strided (3,) view
         xyz[:, i] = table[k]
