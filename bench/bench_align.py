@@ -68,7 +68,7 @@ import yaml  # noqa: E402
 from ros_ot_fusion import params as P  # noqa: E402
 from ros_ot_fusion import transforms as tf  # noqa: E402
 from ros_ot_fusion.fusion.align import Aligner, AlignConfig, in_range, view_bounds  # noqa: E402
-from ros_ot_fusion.sim import Drive, DriveConfig, LidarConfig, Scene, miscalibrate  # noqa: E402
+from ros_ot_fusion.sim import Drive, DriveConfig, LidarConfig, miscalibrate  # noqa: E402
 
 METHODS = ("ot", "icp_p2p", "icp_p2l", "gicp")
 SUCCESS_DEG, SUCCESS_M = 0.5, 0.05

@@ -93,8 +93,8 @@ def main() -> None:
         print(profiler.key_averages().table(sort_by=key, row_limit=15, max_name_column_width=60))
     warm = np.array([r[1:6] for r in rows[1:]])
     pct = lambda v, q: float(np.percentile(v, q))  # noqa: E731
-    print(f"\n| frames | align p50 / p99 ms | fuse p50 / p99 ms | total p50 / p99 ms | iterations p50 | "
-          f"rot err p50 deg | trans err p50 cm |")
+    print("\n| frames | align p50 / p99 ms | fuse p50 / p99 ms | total p50 / p99 ms | iterations p50 | "
+          "rot err p50 deg | trans err p50 cm |")
     print("|---:|---:|---:|---:|---:|---:|---:|")
     total = warm[:, 0] + warm[:, 1]
     settled = warm[len(warm) // 4:]

@@ -10,7 +10,6 @@ an ex2-only kernel, and the nominal 2*n*m / (132 SMs * 16/clk * 1.98 GHz)).
 from __future__ import annotations
 
 import argparse
-import statistics
 
 import torch
 import triton

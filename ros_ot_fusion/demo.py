@@ -38,7 +38,8 @@ def run_demo(out_dir: str | Path = "build/demo", frames: int = 20, rate: float |
 
     from ros_ot_fusion.io.bag import BagWriter, read_bag
     from ros_ot_fusion.params import load_params_file
-    from ros_ot_fusion.process_bag import EXTRINSIC, FUSED, GROUND_TRUTH, plot_last, transform_to_matrix
+    from ros_ot_fusion.io.transform_msg import msg_to_matrix
+    from ros_ot_fusion.process_bag import EXTRINSIC, FUSED, GROUND_TRUTH, plot_last
     from ros_ot_fusion.sim import CameraConfig, DriveConfig, LidarConfig, write_bag
     from ros_ot_fusion.transforms import pose_error, pose_to_matrix
 
@@ -54,7 +55,7 @@ def run_demo(out_dir: str | Path = "build/demo", frames: int = 20, rate: float |
     write_bag(drive, DriveConfig(frames=frames, seed=seed, lidar=LidarConfig(beams=beams), camera=CameraConfig()))
     params_file = Path(f"{drive}.params.yaml")
     prior = pose_to_matrix(load_params_file(params_file)["prior_extrinsic"])
-    truth = next(transform_to_matrix(m) for _, _, m in read_bag(drive, [GROUND_TRUTH]))
+    truth = next(msg_to_matrix(m) for _, _, m in read_bag(drive, [GROUND_TRUTH]))
 
     print(f"[2/4] starting the node ({'GPU' if gpu else 'CPU'}) and a recorder")
     # reliable: a replay in the lab should lose nothing; drops are then the solver falling behind
@@ -104,7 +105,7 @@ def run_demo(out_dir: str | Path = "build/demo", frames: int = 20, rate: float |
                 row["latency_ms"] = (arrival - lidar_arrival[stamp]) * 1e3
             if stamp in extrinsic:
                 writer.write(EXTRINSIC, extrinsic[stamp], stamp)
-                row["rot"], row["trans"] = pose_error(transform_to_matrix(extrinsic[stamp]), truth)
+                row["rot"], row["trans"] = pose_error(msg_to_matrix(extrinsic[stamp]), truth)
             rows.append(row)
     rot0, trans0 = pose_error(prior, truth)
     print(f"\n{'t (s)':>6} {'latency ms':>11} {'rot err deg':>12} {'trans err cm':>13}")
@@ -128,7 +129,7 @@ def run_demo(out_dir: str | Path = "build/demo", frames: int = 20, rate: float |
     if rows:
         last = max(s for s in fused if s in camera_msgs and s in extrinsic)
         png = plot_last(out / "alignment.png", lidar_msgs[last], camera_msgs[last], prior,
-                        transform_to_matrix(extrinsic[last]), drive)
+                        msg_to_matrix(extrinsic[last]), drive)
         print(f"picture: {png}")
     rec.destroy_node()
     rclpy.shutdown()

@@ -9,7 +9,6 @@ in `FrameOutput.level` / `.message` and keeps the last good extrinsic.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 
@@ -20,7 +19,8 @@ from ros_ot_fusion import params as P
 from ros_ot_fusion.fusion.align import Aligner, AlignConfig, AlignState
 from ros_ot_fusion.fusion.fuse import fuse
 from ros_ot_fusion.io import pointcloud2 as pc2
-from ros_ot_fusion.transforms import matrix_to_pose, pose_error, pose_to_matrix
+from ros_ot_fusion.io.transform_msg import matrix_to_msg
+from ros_ot_fusion.transforms import pose_error, pose_to_matrix
 
 OK, WARN, ERROR = 0, 1, 2
 log = logging.getLogger(__name__)
@@ -60,10 +60,9 @@ class Pipeline:
         self.reset()
 
     def reset(self) -> None:
-        """Forget the warm start and the smoothed estimate (a new drive, a bag loop)."""
+        """Forget the warm start and the estimate (a new drive, a bag loop)."""
         self.state: AlignState | None = None
-        self.smoothed: np.ndarray | None = None    # the estimate published (the prior before one)
-        self.accepted = 0
+        self.estimate: np.ndarray | None = None    # the last accepted estimate (published)
         self.last_stamp_ns = -1
 
     def set_params(self, changes: dict) -> None:
@@ -80,8 +79,8 @@ class Pipeline:
 
     @property
     def extrinsic(self) -> np.ndarray:
-        """The transform published now: smoothed estimate, or the prior before the first one."""
-        return self.smoothed if self.smoothed is not None else self.prior
+        """The transform published now: the last accepted estimate, or the prior before one."""
+        return self.estimate if self.estimate is not None else self.prior
 
     def process(self, lidar_msg, camera_msg=None) -> FrameOutput:
         t0 = time.perf_counter()
@@ -132,8 +131,8 @@ class Pipeline:
         header = lidar_msg.header
         out.fused = pc2.encode(header, columns["xyz"], rgb=columns["rgb"], intensity=columns["intensity"],
                                extra={"confidence": columns["confidence"]})
-        out.extrinsic = transform_msg(header, camera.frame_id if camera is not None and camera.frame_id
-                                      else (p["camera_frame"] or "camera"), T)
+        out.extrinsic = matrix_to_msg(T, header, camera.frame_id if camera is not None and camera.frame_id
+                                      else (p["camera_frame"] or "camera"))
         out.stats["encode_ms"] = _ms(t3)
         out.stats["total_ms"] = _ms(t0)
         out.level, out.message = level, message
@@ -168,26 +167,12 @@ class Pipeline:
             return None, WARN, (f"estimate {rot:.2f} deg / {trans:.3f} m from the prior exceeds the limits; "
                                 f"keeping the last extrinsic"), stats
         self.state = a.state
-        self.accepted += 1
-        self.smoothed = a.T           # already fused with the earlier frames' information (align.py)
+        self.estimate = a.T           # already fused with the earlier frames' information (align.py)
         return a, OK, "aligned", stats
 
     def _fail(self, out: FrameOutput, level: int, message: str) -> FrameOutput:
         out.level, out.message = level, message
         return out
-
-
-def transform_msg(header, child_frame: str, T: np.ndarray):
-    from geometry_msgs.msg import TransformStamped
-
-    x, y, z, qx, qy, qz, qw = (float(v) for v in matrix_to_pose(T))
-    msg = TransformStamped()
-    msg.header = header
-    msg.child_frame_id = child_frame
-    msg.transform.translation.x, msg.transform.translation.y, msg.transform.translation.z = x, y, z
-    msg.transform.rotation.x, msg.transform.rotation.y = qx, qy
-    msg.transform.rotation.z, msg.transform.rotation.w = qz, qw
-    return msg
 
 
 def _ms(t0: float) -> float:

@@ -18,16 +18,12 @@ import numpy as np
 from ros_ot_fusion.io.bag import BagWriter, bag_topics, read_bag
 from ros_ot_fusion.pipeline import Pipeline
 from ros_ot_fusion.sync import CameraBuffer, stamp_ns
-from ros_ot_fusion.transforms import pose_error, pose_to_matrix
+from ros_ot_fusion.io.transform_msg import msg_to_matrix
+from ros_ot_fusion.transforms import pose_error
 
 GROUND_TRUTH = "/calibration/ground_truth"
 FUSED, EXTRINSIC = "/ros_ot_fusion/fused", "/ros_ot_fusion/extrinsic"
 STAGES = ("decode_ms", "align_ms", "fuse_ms", "encode_ms", "total_ms")
-
-
-def transform_to_matrix(msg) -> np.ndarray:
-    t, q = msg.transform.translation, msg.transform.rotation
-    return pose_to_matrix([t.x, t.y, t.z, q.x, q.y, q.z, q.w])
 
 
 class Progress:
@@ -81,7 +77,7 @@ def process_bag(in_bag: str | Path, out_bag: str | Path | None, params: dict, st
         row = {"stamp_ns": stamp, "level": out.level, "message": out.message, **out.stats}
         gt = truth.get(stamp, truth[max(truth)] if truth else None)     # else the latest
         if gt is not None and out.extrinsic is not None:
-            row["rot_err_deg"], row["trans_err_m"] = pose_error(transform_to_matrix(out.extrinsic), gt)
+            row["rot_err_deg"], row["trans_err_m"] = pose_error(msg_to_matrix(out.extrinsic), gt)
         frames.append(row)
         if writer is not None:
             if out.fused is not None:
@@ -109,7 +105,7 @@ def process_bag(in_bag: str | Path, out_bag: str | Path | None, params: dict, st
             writer.__enter__()
         for topic, t_ns, msg in read_bag(in_bag, [lidar_topic, camera_topic, GROUND_TRUTH]):
             if topic == GROUND_TRUTH:
-                truth[stamp_ns(msg)] = transform_to_matrix(msg)
+                truth[stamp_ns(msg)] = msg_to_matrix(msg)
                 continue
             if topic == camera_topic:
                 cameras.add(stamp_ns(msg), msg)

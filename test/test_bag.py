@@ -4,7 +4,6 @@ import pytest
 from geometry_msgs.msg import TransformStamped
 from rclpy.serialization import deserialize_message, serialize_message
 from rosbags.typesys import Stores, get_typestore
-from sensor_msgs.msg import PointCloud2
 from std_msgs.msg import Header
 
 from ros_ot_fusion.io import pointcloud2 as pc2

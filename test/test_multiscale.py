@@ -5,7 +5,6 @@ import pytest
 import torch
 
 from ros_ot_fusion.ot import sinkhorn
-from ros_ot_fusion.ot.layout import Layout
 from ros_ot_fusion.ot.multiscale import MultiscaleSinkhorn, block_pairs, cluster, pyramid, voxel_keys
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

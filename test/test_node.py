@@ -499,10 +499,7 @@ def test_extrinsic_converges_on_a_simulated_bag_replayed_over_dds(tmp_path):
     """simulate -> replay --clock -> node (use_sim_time, the miscalibrated prior) -> ~/extrinsic."""
     pytest.importorskip("ros_ot_fusion.sim")
     from ros_ot_fusion.io.bag import read_bag
-
-    def transform_to_matrix(msg):
-        t, q = msg.transform.translation, msg.transform.rotation
-        return tf.pose_to_matrix([t.x, t.y, t.z, q.x, q.y, q.z, q.w])
+    from ros_ot_fusion.io.transform_msg import msg_to_matrix as transform_to_matrix
 
     env = dict(os.environ, ROS_DOMAIN_ID=str(domain(4)), ROS_AUTOMATIC_DISCOVERY_RANGE="LOCALHOST",
                OMP_NUM_THREADS="1")

@@ -28,6 +28,7 @@ from torch.profiler import record_function
 
 from ros_ot_fusion.ot.multiscale import MultiscaleResult, MultiscaleSinkhorn, WarmStart, cluster, voxel_keys
 from ros_ot_fusion.ot.sinkhorn import eps_schedule
+from ros_ot_fusion.transforms import axis_angle_to_matrix
 
 
 @dataclass
@@ -171,11 +172,9 @@ def subsample(n: int, budget: int, device) -> torch.Tensor | None:
 # ---------------------------------------------------------------------------------------------
 
 def so3_exp(w: np.ndarray) -> np.ndarray:
+    """Rotation matrix of a rotation vector (axis * angle)."""
     theta = float(np.linalg.norm(w))
-    K = np.array([[0, -w[2], w[1]], [w[2], 0, -w[0]], [-w[1], w[0], 0]])
-    if theta < 1e-12:
-        return np.eye(3) + K
-    return np.eye(3) + math.sin(theta) / theta * K + (1 - math.cos(theta)) / theta**2 * K @ K
+    return np.eye(3) if theta < 1e-15 else axis_angle_to_matrix(w, theta)
 
 
 def so3_log(R: np.ndarray) -> np.ndarray:

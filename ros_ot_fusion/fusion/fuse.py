@@ -51,7 +51,7 @@ def fuse(aligner: Aligner, lidar_xyz, lidar_intensity, camera_xyz, camera_rgb, T
          alignment: Alignment | None, content: str = "both") -> dict[str, np.ndarray]:
     """Columns of the fused cloud (LiDAR frame): xyz, intensity, rgb, confidence (numpy).
 
-    T is the transform to publish (it may be smoothed over frames); `alignment` the frame's plan,
+    T is the transform to publish (the last accepted estimate); `alignment` the frame's plan,
     or None (no camera: LiDAR points only, uncoloured)."""
     if content not in CONTENTS:
         raise ValueError(f"content must be one of {CONTENTS}, got {content!r}")

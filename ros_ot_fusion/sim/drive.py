@@ -22,6 +22,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from ros_ot_fusion import transforms as tf
+from ros_ot_fusion.io.transform_msg import matrix_to_msg
 from ros_ot_fusion.sim.scene import Scene, ground_height
 from ros_ot_fusion.sim.sensors import CameraConfig, DepthCamera, LidarConfig, SimCloud, SpinningLidar
 
@@ -138,18 +139,6 @@ def _header(frame_id: str, stamp_ns: int):
     return header
 
 
-def transform_msg(T: np.ndarray, stamp_ns: int, parent: str = "lidar", child: str = "camera"):
-    """geometry_msgs/TransformStamped for parent_T_child."""
-    from geometry_msgs.msg import TransformStamped
-
-    msg = TransformStamped(header=_header(parent, stamp_ns), child_frame_id=child)
-    x, y, z, qx, qy, qz, qw = (float(v) for v in tf.matrix_to_pose(T))
-    msg.transform.translation.x, msg.transform.translation.y, msg.transform.translation.z = x, y, z
-    r = msg.transform.rotation
-    r.x, r.y, r.z, r.w = qx, qy, qz, qw
-    return msg
-
-
 def frame_messages(frame: Frame, truth: np.ndarray) -> dict[str, object]:
     """topic -> rclpy message for one frame."""
     from ros_ot_fusion.io import pointcloud2 as pc2
@@ -158,7 +147,7 @@ def frame_messages(frame: Frame, truth: np.ndarray) -> dict[str, object]:
                                         intensity=frame.lidar.intensity),
             TOPICS["camera"]: pc2.encode(_header("camera", frame.stamp_ns), frame.camera.xyz,
                                          rgb=frame.camera.rgb),
-            TOPICS["truth"]: transform_msg(truth, frame.stamp_ns)}
+            TOPICS["truth"]: matrix_to_msg(truth, _header("lidar", frame.stamp_ns), "camera")}
 
 
 def params_path(bag: str | Path) -> Path:
