@@ -27,10 +27,7 @@ from ros_ot_fusion.fusion.align import Aligner, AlignConfig  # noqa: E402
 from ros_ot_fusion.fusion.fuse import fuse  # noqa: E402
 from ros_ot_fusion.transforms import axis_angle_to_matrix, make_transform, pose_error  # noqa: E402
 
-# scene.camera looks along +x from (0.4, 0.1, 1.5), tilted 8 degrees down; its optical frame:
-# z forward, x right (-y), y down (-z)
-OPTICAL = np.array([[0.0, 0.0, 1.0], [-1.0, 0.0, 0.0], [0.0, -1.0, 0.0]])
-TRUTH = make_transform(axis_angle_to_matrix([0, 1, 0], math.radians(8)) @ OPTICAL, [0.4, 0.1, 1.5])
+TRUTH = scene.TRUTH
 
 
 def main() -> None:
@@ -59,7 +56,6 @@ def main() -> None:
     aligner = Aligner(AlignConfig.from_params(params), dev)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     rows, state = [], None
-    inv = torch.as_tensor(np.linalg.inv(TRUTH), dtype=torch.float32, device=dev)
     print(f"device {dev}, {args.frames} frames, params {overrides}", file=sys.stderr)
     profiler = None
     for k in range(args.frames):
@@ -69,9 +65,7 @@ def main() -> None:
             activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
             profiler = profile(activities=activities, with_stack=False)
             profiler.__enter__()
-        lidar, cam_l = scene.frame(k, speed=args.speed, device=dev, beams=args.beams)
-        camera = cam_l @ inv[:3, :3].t() + inv[:3, 3]
-        rgb = ((camera[:, :1].abs() * 40) % 256).to(torch.uint8).expand(-1, 3).contiguous()
+        lidar, camera, rgb = scene.sensor_frame(k, speed=args.speed, device=dev, beams=args.beams)
         sync()
         t0 = time.perf_counter()
         a = aligner.align(lidar, camera, rgb, state=state, prior=prior)

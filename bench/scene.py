@@ -2,14 +2,23 @@
 
 A street canyon (ground, two facades, end walls), parked cars (boxes) and poles (cylinders).
 A spinning LiDAR (beams x azimuth steps) at 1.9 m and a forward-looking 640x480 depth camera
-beside it each see the scene from the vehicle pose at `x_vehicle`. Both clouds are returned in
-the LiDAR frame (the OT problem after the prior extrinsic is applied).
+beside it each see the scene from the vehicle pose at `x_vehicle`. `frame` returns both clouds
+in the LiDAR frame (the OT problem after the prior extrinsic is applied); `sensor_frame` returns
+what the sensors publish (camera points in the camera's optical frame, through `TRUTH`).
 """
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
+
+from ros_ot_fusion.transforms import axis_angle_to_matrix, make_transform
+
+# the camera looks along +x from (0.4, 0.1, 1.5), tilted 8 degrees down; its optical frame is
+# z forward, x right (-y), y down (-z): TRUTH = lidar_T_camera
+OPTICAL = np.array([[0.0, 0.0, 1.0], [-1.0, 0.0, 0.0], [0.0, -1.0, 0.0]])
+TRUTH = make_transform(axis_angle_to_matrix([0, 1, 0], math.radians(8)) @ OPTICAL, [0.4, 0.1, 1.5])
 
 BOXES = [  # (xmin, ymin, zmin, xmax, ymax, zmax): facades, end walls, cars
     (-80, 9, 0, 80, 10, 14), (-80, -10, 0, 80, -9, 11), (60, -10, 0, 61, 10, 14), (-61, -10, 0, -60, 10, 14),
@@ -75,8 +84,20 @@ def camera(x_vehicle: float, width: int = 640, height: int = 480, focal: float =
     return dirs[keep] * r[keep, None] + origin - torch.tensor([x_vehicle, 0.0, 0.0], device=device)
 
 
-def frame(k: int, speed: float = 1.0, device="cpu", beams: int = 128, seed: int = 0):
+def frame(k: int, speed: float = 1.0, device="cpu", beams: int = 128, seed: int = 0, steps: int = 1024,
+          width: int = 640, height: int = 480):
     """Frame k of a drive along the street at `speed` metres per frame: (lidar, camera)."""
     g = torch.Generator(device=device).manual_seed(seed + k)
     x = -30.0 + speed * k
-    return lidar(x, beams=beams, generator=g, device=device), camera(x, generator=g, device=device)
+    return (lidar(x, beams=beams, steps=steps, generator=g, device=device),
+            camera(x, width=width, height=height, focal=500.0 * width / 640, generator=g, device=device))
+
+
+def sensor_frame(k: int, speed: float = 1.0, device="cpu", **size):
+    """Frame k as the sensors give it: LiDAR xyz (LiDAR frame), camera xyz (optical frame, through
+    TRUTH) and its rgb (a colour pattern along the street)."""
+    lidar_xyz, cam_l = frame(k, speed, device=device, **size)
+    inv = torch.as_tensor(np.linalg.inv(TRUTH), dtype=torch.float32, device=device)
+    camera_xyz = cam_l @ inv[:3, :3].t() + inv[:3, 3]
+    rgb = ((camera_xyz[:, :1].abs() * 40) % 256).to(torch.uint8).expand(-1, 3).contiguous()
+    return lidar_xyz, camera_xyz, rgb

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import array
 import math
+import os
 import signal
 import sys
 import threading
@@ -40,7 +41,6 @@ from ros_ot_fusion.sync import CameraBuffer, stamp_ns
 
 OK, WARN, ERROR = 0, 1, 2            # diagnostic_msgs/DiagnosticStatus levels
 STATUS_NAME = f"{P.NODE_NAME}: fusion"
-WAIT_MARGIN_S = 0.02          # how much longer than sync_slop_s a sweep waits for its camera cloud
 POLL_PERIOD_S = 0.01          # how often a waiting sweep checks its deadline
 CAMERA_HISTORY = 8            # camera clouds kept for pairing
 LIDAR_STALE_S = 2.0           # no sweep for this long: a WARN
@@ -137,16 +137,16 @@ class Frame:
 class Collector:
     """Pairs each LiDAR sweep with the camera cloud nearest in stamp, within `slop_s`.
 
-    Never stalls: a sweep waits for a camera cloud at most `slop_s + WAIT_MARGIN_S` (wall
-    time), and only while a later camera cloud could still be nearer; then it goes on alone,
+    Never stalls: a sweep waits for a camera cloud at most `wait_s` (wall time: a large cloud
+    can arrive well after the sweep), and only while a later camera cloud could still be nearer; then it goes on alone,
     marked `silent` when the camera has sent nothing for `timeout_s`. (A silent camera still
     gets that short wait: its first cloud after a pause, or at start, then pairs.) Times are
     `time.monotonic()` seconds, passed in (tests drive it without a clock). The pairing rule
     itself is `sync.CameraBuffer`'s, the one `process-bag` uses.
     """
 
-    def __init__(self, slop_s: float, timeout_s: float, now: float):
-        self.timeout_s = timeout_s
+    def __init__(self, slop_s: float, timeout_s: float, now: float, wait_s: float = 0.1):
+        self.timeout_s, self.wait_s = timeout_s, wait_s
         self.cameras = CameraBuffer(int(slop_s * 1e9), CAMERA_HISTORY)
         self.started = now
         self.last_camera: float | None = None
@@ -187,7 +187,7 @@ class Collector:
             frame.camera = camera                            # a later cloud would be farther
             ready.append(frame)
         else:                                                # a later camera cloud may be nearer
-            self.pending = (frame, stamp, now + self.slop_s + WAIT_MARGIN_S)
+            self.pending = (frame, stamp, now + self.wait_s)
         return ready
 
     def poll(self, now: float) -> list[Frame]:
@@ -292,7 +292,7 @@ class FusionNode(Node):
         self._status_lock = threading.Lock()
         self.status = Status()
         v = self.values
-        self.collector = Collector(v["sync_slop_s"], v["camera_timeout_s"], time.monotonic())
+        self.collector = Collector(v["sync_slop_s"], v["camera_timeout_s"], time.monotonic(), v["sync_wait_s"])
         self.queue = FrameQueue(v["queue_size"])
         self._camera_was_silent = False
 
@@ -388,6 +388,7 @@ class FusionNode(Node):
         self.values = values
         self.collector.slop_s = values["sync_slop_s"]
         self.collector.timeout_s = values["camera_timeout_s"]
+        self.collector.wait_s = values["sync_wait_s"]
         self.queue.resize(values["queue_size"])
         self.get_logger().info("parameters set: " + ", ".join(f"{k}={v!r}" for k, v in changes.items()))
         return SetParametersResult(successful=True)
@@ -449,7 +450,8 @@ class FusionNode(Node):
             started = time.monotonic()
             with self._pipe_lock:
                 try:
-                    out = self.pipeline.process(frame.lidar, frame.camera)
+                    out = self.pipeline.process(frame.lidar, frame.camera,
+                                                now_ns=self.get_clock().now().nanoseconds)
                 except Exception as exc:  # noqa: BLE001 - the node outlives any one frame
                     out = self._FrameOutput(level=ERROR, message=f"pipeline error: {type(exc).__name__}: {exc}")
             finished = time.monotonic()
@@ -517,7 +519,7 @@ class FusionNode(Node):
                 frames_without_camera=s.without_camera, frames_with_error=s.errors,
                 lidar_received=s.lidar_received, camera_received=s.camera_received,
                 camera_staleness_s=camera_staleness, lidar_staleness_s=lidar_staleness,
-                queue_length=len(self.queue), last_error=s.last_error)
+                queue_length=len(self.queue), last_error=s.last_error, **_memory_mb())
         return DiagnosticStatus(level=bytes([level]), name=STATUS_NAME, message=message,
                                 hardware_id=self._device(),
                                 values=[KeyValue(key=k, value=_text(v)) for k, v in values.items()])
@@ -534,6 +536,20 @@ class FusionNode(Node):
         self.queue.close()
         if self._worker.is_alive():
             self._worker.join(timeout)
+
+
+def _memory_mb() -> dict:
+    """Resident memory of this process and the GPU memory torch holds, in MiB (for soak checks)."""
+    out = {}
+    try:
+        with open("/proc/self/statm") as f:
+            out["rss_mb"] = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        pass
+    import torch
+    if torch.cuda.is_initialized():
+        out["gpu_memory_mb"] = torch.cuda.memory_reserved() / 2**20
+    return out
 
 
 def _text(value) -> str:

@@ -23,6 +23,7 @@ from ros_ot_fusion.io.transform_msg import matrix_to_msg
 from ros_ot_fusion.transforms import pose_error, pose_to_matrix
 
 OK, WARN, ERROR = 0, 1, 2
+FUTURE_TOLERANCE_NS = 1_000_000_000     # stamps this far ahead of the node's clock are suspect
 log = logging.getLogger(__name__)
 
 
@@ -82,7 +83,9 @@ class Pipeline:
         """The transform published now: the last accepted estimate, or the prior before one."""
         return self.estimate if self.estimate is not None else self.prior
 
-    def process(self, lidar_msg, camera_msg=None) -> FrameOutput:
+    def process(self, lidar_msg, camera_msg=None, now_ns: int | None = None) -> FrameOutput:
+        """One frame. `now_ns`, the node's clock, lets stamps from the future be flagged (such a
+        frame is fused but does not become the reference that later stamps must follow)."""
         t0 = time.perf_counter()
         out = FrameOutput(stats={"device": self.device.type})
         try:
@@ -102,10 +105,13 @@ class Pipeline:
             camera, note = None, f"camera frame_id {camera.frame_id!r} is not {p['camera_frame']!r}"
         if len(lidar) == 0:
             return self._fail(out, ERROR, "LiDAR cloud has no valid points")
-        if lidar.stamp_ns < self.last_stamp_ns:
-            self.reset()
-            note = "stamps went backwards: warm start reset"
-        self.last_stamp_ns = lidar.stamp_ns
+        if now_ns and lidar.stamp_ns > now_ns + FUTURE_TOLERANCE_NS:
+            note = f"stamp {(lidar.stamp_ns - now_ns) / 1e9:.1f} s ahead of the clock"
+        else:
+            if lidar.stamp_ns < self.last_stamp_ns:
+                self.reset()
+                note = "stamps went backwards: warm start reset"
+            self.last_stamp_ns = lidar.stamp_ns
         out.stats.update(lidar_points=len(lidar), camera_points=len(camera) if camera is not None else 0,
                          decode_ms=_ms(t0))
 

@@ -1,22 +1,26 @@
 """Play a ROS 2 bag into DDS at its recorded timing, like `ros2 bag play [--clock] [--loop]`.
 
-    ros-ot-fusion replay BAG [--rate R] [--loop] [--clock] [--topics T ...]
+    ros-ot-fusion replay BAG [--rate R] [--loop [--restamp]] [--clock] [--topics T ...]
                              [--qos best_effort|reliable] [--start-delay S] [--ros-args ...]
 
 Messages go out as the CDR bytes stored in the bag (no deserialization): one publisher per
 topic with the recorded message type. With `--clock`, `/clock` (rosgraph_msgs/Clock) carries
 the bag's time at about 100 Hz and at every message, so nodes run with `use_sim_time:=true`
 see the recorded time; with `--loop` that clock jumps back at each restart (as the recording
-does). Before the first message it waits until every topic has a subscriber, or
+does), unless `--restamp` moves each later pass forward in time (header stamps patched in the
+CDR bytes, /clock with them) so a short bag plays as one long drive. Before the first message it waits until every topic has a subscriber, or
 `--start-delay` seconds at most, so a node started alongside does not miss the start.
 """
 from __future__ import annotations
 
 import argparse
 import signal
+import struct
 import sys
 import time
 from pathlib import Path
+
+import numpy as np
 
 CLOCK_PERIOD_S = 0.01               # /clock at 100 Hz
 PROGRESS_PERIOD_S = 1.0
@@ -27,6 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("bag", help="bag directory (MCAP or sqlite3)")
     parser.add_argument("--rate", type=float, default=1.0, help="playback speed factor (default 1)")
     parser.add_argument("--loop", action="store_true", help="start again at the end, until Ctrl-C")
+    parser.add_argument("--restamp", action="store_true",
+                        help="with --loop: shift each later pass's header stamps forward, so time never goes back")
     parser.add_argument("--clock", action="store_true",
                         help="publish /clock with the bag's time (~100 Hz and at each message)")
     parser.add_argument("--topics", nargs="+", metavar="T", help="play only these topics")
@@ -41,7 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     return replay(args.bag, rate=args.rate, loop=args.loop, clock=args.clock, topics=args.topics,
-                  qos=args.qos, start_delay=args.start_delay, ros_args=args.ros_args)
+                  qos=args.qos, start_delay=args.start_delay, ros_args=args.ros_args, restamp=args.restamp)
 
 
 def _say(text: str, end: str = "\n") -> None:
@@ -54,7 +60,7 @@ def _interrupt(signum, frame):
 
 def replay(bag: str | Path, rate: float = 1.0, loop: bool = False, clock: bool = False,
            topics: list[str] | None = None, qos: str = "reliable", start_delay: float = 1.0,
-           ros_args: list[str] | None = None) -> int:
+           ros_args: list[str] | None = None, restamp: bool = False) -> int:
     """Play `bag`; 0 when done or interrupted, 2 for a bad request."""
     from rosbags.rosbag2 import Reader
 
@@ -93,7 +99,7 @@ def replay(bag: str | Path, rate: float = 1.0, loop: bool = False, clock: bool =
                              reliability=ReliabilityPolicy.RELIABLE if qos == "reliable"
                              else ReliabilityPolicy.BEST_EFFORT)
         player = Player(node, bag, wanted, {t: recorded[t][0] for t in wanted}, profile, rate, clock,
-                        start_ns, duration_ns)
+                        start_ns, duration_ns, restamp=restamp)
         if not player.publishers:
             _say("replay: no topic to play")
             return 2
@@ -117,17 +123,22 @@ def replay(bag: str | Path, rate: float = 1.0, loop: bool = False, clock: bool =
 class Player:
     """Publishes one pass of a bag at recorded timing / rate, with /clock when asked."""
 
-    def __init__(self, node, bag, topics, types, profile, rate, clock, start_ns, duration_ns):
+    def __init__(self, node, bag, topics, types, profile, rate, clock, start_ns, duration_ns, restamp=False):
         from rosgraph_msgs.msg import Clock
 
         from ros_ot_fusion.io.bag import message_class
 
         self.node, self.bag, self.topics, self.rate = node, bag, topics, rate
         self.start_ns, self.duration_ns = start_ns, duration_ns
-        self.publishers = {}
+        self.publishers, self.stamped = {}, set()
+        self.offset_ns = 0                 # added to every stamp of this pass (--restamp)
+        self.restamp, self._period_ns = restamp, 0
         for topic in topics:
             try:
-                self.publishers[topic] = node.create_publisher(message_class(types[topic]), topic, profile)
+                cls = message_class(types[topic])
+                self.publishers[topic] = node.create_publisher(cls, topic, profile)
+                if next(iter(cls.get_fields_and_field_types()), None) == "header":
+                    self.stamped.add(topic)
             except (ImportError, AttributeError, ValueError) as exc:
                 _say(f"replay: skipping {topic}: no Python message type {types[topic]} ({exc})")
         self._clock_msg = Clock
@@ -161,8 +172,12 @@ class Player:
     def play_once(self) -> None:
         from ros_ot_fusion.io.bag import read_bag
 
+        if self.restamp and self.loops:               # the next pass goes on one frame period later
+            self.offset_ns += self.duration_ns + self._period_ns
+            time.sleep(self._period_ns / 1e9 / self.rate)
         self.loops += 1
         first = t0 = None
+        stamps = []
         next_progress = time.monotonic() + PROGRESS_PERIOD_S
         sent_before = self.sent
         for topic, stamp, data in read_bag(self.bag, topics=list(self.publishers), raw=True):
@@ -174,14 +189,21 @@ class Player:
                 if now >= target:
                     break
                 if self.clock_pub is not None and now - self._last_clock >= CLOCK_PERIOD_S:
-                    self.publish_clock(min(stamp, first + int((now - t0) * self.rate * 1e9)))
+                    self.publish_clock(min(stamp, first + int((now - t0) * self.rate * 1e9)) + self.offset_ns)
                 time.sleep(min(target - now, CLOCK_PERIOD_S if self.clock_pub is not None else 0.1))
-            self.publish_clock(stamp)
-            self.publishers[topic].publish(data if isinstance(data, bytes) else bytes(data))
+            self.publish_clock(stamp + self.offset_ns)
+            data = data if isinstance(data, bytes) else bytes(data)
+            if self.offset_ns and topic in self.stamped:
+                data = shift_stamp(data, self.offset_ns)
+            self.publishers[topic].publish(data)
+            if not stamps or stamps[-1] != stamp:
+                stamps.append(stamp)
             self.sent += 1
             if time.monotonic() >= next_progress:
                 next_progress += PROGRESS_PERIOD_S
                 self._progress(stamp, self.sent - sent_before)
+        if len(stamps) > 1:
+            self._period_ns = int(np.median(np.diff(stamps)))
         if first is not None:
             self._progress(first + int((time.monotonic() - t0) * self.rate * 1e9), self.sent - sent_before,
                            final=True)
@@ -191,3 +213,14 @@ class Player:
         text = (f"replay: pass {self.loops}  {position:7.2f} / {self.duration_ns / 1e9:.2f} s  "
                 f"{count} messages  (rate {self.rate:g})")
         _say(text, end="\n" if final or not self._tty else "\r")
+
+
+def shift_stamp(data: bytes, offset_ns: int) -> bytes:
+    """The CDR bytes of a message whose first field is a std_msgs/Header, its stamp moved by
+    `offset_ns` (the stamp's sec and nanosec follow the 4-byte encapsulation header)."""
+    order = "<" if data[1] == 1 else ">"             # CDR_LE / CDR_BE
+    sec, nanosec = struct.unpack_from(order + "iI", data, 4)
+    sec, nanosec = divmod(sec * 1_000_000_000 + nanosec + offset_ns, 1_000_000_000)
+    out = bytearray(data)
+    struct.pack_into(order + "iI", out, 4, sec, nanosec)
+    return bytes(out)

@@ -95,9 +95,9 @@ def stamped(sec: float):
 
 
 def test_collector_pairs_nearest_and_never_stalls():
-    from ros_ot_fusion.node import WAIT_MARGIN_S, Collector
+    from ros_ot_fusion.node import Collector
 
-    c = Collector(slop_s=0.05, timeout_s=1.0, now=0.0)
+    c = Collector(slop_s=0.05, timeout_s=1.0, now=0.0, wait_s=0.07)
     for t in (10.00, 10.03, 10.07):
         assert c.add_camera(stamped(t), now=0.1) == []
     [frame] = c.add_lidar(stamped(10.06), now=0.1)       # a later cloud exists: pair at once
@@ -106,8 +106,8 @@ def test_collector_pairs_nearest_and_never_stalls():
     [frame] = c.add_camera(stamped(10.10), now=0.21)     # ... and it does
     assert frame.camera.name == "10.1"
     assert c.add_lidar(stamped(10.14), now=0.3) == []    # waits, but not for long
-    assert c.poll(now=0.3 + 0.05 + WAIT_MARGIN_S / 2) == []
-    [frame] = c.poll(now=0.3 + 0.05 + WAIT_MARGIN_S)
+    assert c.poll(now=0.3 + 0.035) == []
+    [frame] = c.poll(now=0.3 + 0.07)
     assert frame.camera.name == "10.1"
     assert c.add_lidar(stamped(10.30), now=0.4) == []
     [frame] = c.poll(now=0.5)                            # nothing within the slop: LiDAR alone

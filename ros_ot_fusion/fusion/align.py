@@ -143,8 +143,8 @@ def normals(p: torch.Tensor, radius: float) -> tuple[torch.Tensor, torch.Tensor]
 
 def view_bounds(camera: torch.Tensor, quantile: float = 0.001) -> tuple[float, float, float, float, float]:
     """The camera's field of view as seen in its own cloud: (u_lo, u_hi, v_lo, v_hi, z_max) with
-    u = x/z, v = y/z (optical frame: z forward)."""
-    c = camera[camera[:, 2] > 1e-3]
+    u = x/z, v = y/z (optical frame: z forward; every point in front of the camera)."""
+    c = camera
     u, v = c[:, 0] / c[:, 2], c[:, 1] / c[:, 2]
     q = torch.tensor([quantile, 1 - quantile], device=c.device)
     (u_lo, u_hi), (v_lo, v_hi) = torch.quantile(u[:100000], q).tolist(), torch.quantile(v[:100000], q).tolist()
@@ -278,7 +278,8 @@ class Aligner:
         """Camera points (camera frame) -> voxel centroids, their normals, planarity, colours, view."""
         cfg = self.config
         c = torch.as_tensor(camera_xyz, dtype=torch.float32).to(self.device)
-        keep = in_range(c, cfg.min_range_m, min(cfg.max_range_m, cfg.camera_max_range_m))
+        # a depth camera sees only what is in front of it (z > 0): anything else is corrupt
+        keep = in_range(c, cfg.min_range_m, min(cfg.max_range_m, cfg.camera_max_range_m)) & (c[:, 2] > 1e-3)
         rgb = None if camera_rgb is None else torch.as_tensor(camera_rgb).to(self.device)[keep]
         c = c[keep]
         if len(c) < self.min_points:
@@ -309,7 +310,7 @@ class Aligner:
         with record_function("align.preprocess_camera"):
             cam = self.preprocess_camera(camera_xyz, camera_rgb)
         if cam is None:
-            return Alignment(T, False, "too few camera points")
+            return Alignment(T, False, "too few camera points in front of the camera and in range")
         c, nrm, planarity, rgb, bounds = cam
         x = lidar[self.crop_lidar(lidar, T, bounds)]
         x, _ = voxel_downsample(x, cfg.lidar_voxel_m) if len(x) else (x, None)
