@@ -115,23 +115,31 @@ class Pipeline:
         out.stats.update(lidar_points=len(lidar), camera_points=len(camera) if camera is not None else 0,
                          decode_ms=_ms(t0))
 
-        t1 = time.perf_counter()
-        alignment = None
-        level, message = OK, "aligned"
-        if camera is None or len(camera) == 0:
-            level, message = WARN, note or "no camera cloud: LiDAR only"
-        else:
-            alignment, level, message, stats = self._align(lidar, camera)
-            out.stats.update(stats)
-            if note:
-                level, message = max(level, WARN), f"{message}; {note}"
-        out.stats["align_ms"] = _ms(t1)
+        try:
+            t1 = time.perf_counter()
+            alignment = None
+            level, message = OK, "aligned"
+            if camera is None or len(camera) == 0:
+                level, message = WARN, note or "no camera cloud: LiDAR only"
+            else:
+                alignment, level, message, stats = self._align(lidar, camera)
+                out.stats.update(stats)
+                if note:
+                    level, message = max(level, WARN), f"{message}; {note}"
+            out.stats["align_ms"] = _ms(t1)
 
-        t2 = time.perf_counter()
-        T = self.extrinsic
-        columns = fuse(self.aligner, lidar.xyz, lidar.intensity, None if camera is None else camera.xyz,
-                       None if camera is None else camera.rgb, T, alignment, p["fused_content"])
-        out.stats["fuse_ms"] = _ms(t2)
+            t2 = time.perf_counter()
+            T = self.extrinsic
+            columns = fuse(self.aligner, lidar.xyz, lidar.intensity, None if camera is None else camera.xyz,
+                           None if camera is None else camera.rgb, T, alignment, p["fused_content"])
+            out.stats["fuse_ms"] = _ms(t2)
+        except torch.cuda.OutOfMemoryError:
+            # this frame is lost; the next ones run on half the points (the warm start goes too)
+            torch.cuda.empty_cache()
+            budget = max(int(P.BY_NAME["max_points"].low), self.aligner.config.max_points // 2)
+            self.params["max_points"] = self.aligner.config.max_points = budget
+            self.state = None
+            return self._fail(out, WARN, f"GPU out of memory: frame skipped, point budget lowered to {budget}")
 
         t3 = time.perf_counter()
         header = lidar_msg.header
@@ -151,11 +159,7 @@ class Pipeline:
         try:
             a = self.aligner.align(lidar.xyz, camera.xyz, camera.rgb, state=self.state, prior=self.prior)
         except torch.cuda.OutOfMemoryError:
-            torch.cuda.empty_cache()
-            budget = max(1000, self.aligner.config.max_points // 2)
-            self.params["max_points"] = self.aligner.config.max_points = budget
-            self.state = None
-            return None, WARN, f"GPU out of memory: point budget lowered to {budget}", {}
+            raise                                        # process() shrinks the budget
         except (FloatingPointError, RuntimeError, ValueError) as exc:
             self.state = None
             return None, ERROR, f"alignment failed ({exc}); keeping the last extrinsic", {}
