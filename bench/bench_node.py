@@ -6,8 +6,9 @@
 
 A drive of the analytic street (`scene.py`, `--bag-frames` frames at `--hz`) is written to a bag
 with a prior off by 1 deg / 5 cm; the node runs in its own process (`ros-ot-fusion node`) and
-`ros-ot-fusion replay --loop --restamp` feeds it: `--minutes` at `--hz`, then `--burst-s` at
-`--burst` times that rate, then `--recover-s` at `--hz` again.
+`ros-ot-fusion replay --loop --restamp` feeds it (stamps of the time of playing, so the loops
+and phases are one continuous drive): `--minutes` at `--hz`, then `--burst-s` at `--burst` times
+that rate, then `--recover-s` at `--hz` again.
 
 Measured, from outside the node:
 - per processed frame, from the node's /diagnostics (it publishes one after every frame): latency
@@ -124,6 +125,8 @@ def run(args) -> dict:
             n = int(values.get("frames_processed", 0))
             if n and (not frames or n > frames[-1]["n"]):
                 frames.append({"n": n, "t": time.monotonic(), "latency_ms": float(values["pipeline_latency_ms"]),
+                               **{k: float(values.get(k, "nan")) for k in ("decode_ms", "align_ms", "fuse_ms",
+                                                                          "encode_ms", "iterations")},
                                "processing_ms": float(values["processing_time_ms"]),
                                "queue_wait_ms": float(values["queue_wait_ms"]), "level": status.level[0],
                                "message": status.message})
@@ -224,6 +227,9 @@ def report(result: dict, window_s: float) -> str:
         lat = [f["latency_ms"] for f in frames if lo <= f["t"] < hi]
         lines.append(f"{name}: {len(lat)} frames processed, latency receipt -> publish p50 {pct(lat, 50):.1f} ms, "
                      f"p99 {pct(lat, 99):.1f} ms, max {max(lat, default=math.nan):.1f} ms")
+    stages = {k: pct([f[k] for f in frames if not math.isnan(f.get(k, math.nan))], 50)
+              for k in ("queue_wait_ms", "decode_ms", "align_ms", "fuse_ms", "encode_ms", "processing_ms")}
+    lines.append("per frame, p50 ms: " + ", ".join(f"{k[:-3]} {v:.1f}" for k, v in stages.items()))
     received = int(final.get("lidar_received", 0))
     lines.append(f"sweeps sent {result['sweeps_sent']}, received by the node {received}, processed "
                  f"{final.get('frames_processed')}, dropped by its queue {final.get('frames_dropped')} "

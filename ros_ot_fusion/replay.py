@@ -1,14 +1,15 @@
 """Play a ROS 2 bag into DDS at its recorded timing, like `ros2 bag play [--clock] [--loop]`.
 
-    ros-ot-fusion replay BAG [--rate R] [--loop [--restamp]] [--clock] [--topics T ...]
+    ros-ot-fusion replay BAG [--rate R] [--loop] [--restamp] [--clock] [--topics T ...]
                              [--qos best_effort|reliable] [--start-delay S] [--ros-args ...]
 
 Messages go out as the CDR bytes stored in the bag (no deserialization): one publisher per
 topic with the recorded message type. With `--clock`, `/clock` (rosgraph_msgs/Clock) carries
 the bag's time at about 100 Hz and at every message, so nodes run with `use_sim_time:=true`
 see the recorded time; with `--loop` that clock jumps back at each restart (as the recording
-does), unless `--restamp` moves each later pass forward in time (header stamps patched in the
-CDR bytes, /clock with them) so a short bag plays as one long drive. Before the first message it waits until every topic has a subscriber, or
+does). `--restamp` stamps every message with the wall-clock time at which it is played (header
+stamps patched in the CDR bytes, /clock with them), as a live sensor would: a short bag looped,
+played faster, or played again by another process, is one drive whose time never goes back. Before the first message it waits until every topic has a subscriber, or
 `--start-delay` seconds at most, so a node started alongside does not miss the start.
 """
 from __future__ import annotations
@@ -32,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--rate", type=float, default=1.0, help="playback speed factor (default 1)")
     parser.add_argument("--loop", action="store_true", help="start again at the end, until Ctrl-C")
     parser.add_argument("--restamp", action="store_true",
-                        help="with --loop: shift each later pass's header stamps forward, so time never goes back")
+                        help="stamp messages with the wall-clock time of playing (time never goes back)")
     parser.add_argument("--clock", action="store_true",
                         help="publish /clock with the bag's time (~100 Hz and at each message)")
     parser.add_argument("--topics", nargs="+", metavar="T", help="play only these topics")
@@ -131,7 +132,6 @@ class Player:
         self.node, self.bag, self.topics, self.rate = node, bag, topics, rate
         self.start_ns, self.duration_ns = start_ns, duration_ns
         self.publishers, self.stamped = {}, set()
-        self.offset_ns = 0                 # added to every stamp of this pass (--restamp)
         self.restamp, self._period_ns = restamp, 0
         for topic in topics:
             try:
@@ -172,8 +172,7 @@ class Player:
     def play_once(self) -> None:
         from ros_ot_fusion.io.bag import read_bag
 
-        if self.restamp and self.loops:               # the next pass goes on one frame period later
-            self.offset_ns += self.duration_ns + self._period_ns
+        if self.loops:                                 # the next pass goes on one frame period later
             time.sleep(self._period_ns / 1e9 / self.rate)
         self.loops += 1
         first = t0 = None
@@ -182,19 +181,22 @@ class Player:
         sent_before = self.sent
         for topic, stamp, data in read_bag(self.bag, topics=list(self.publishers), raw=True):
             if first is None:
-                first, t0 = stamp, time.monotonic()
+                first, t0, wall0 = stamp, time.monotonic(), time.time_ns()
+            # --restamp: the wall-clock time at which this message is due
+            shift = wall0 + int((stamp - first) / self.rate) - stamp if self.restamp else 0
             target = t0 + (stamp - first) / 1e9 / self.rate
             while True:                                  # wait for the message's time, ticking /clock
                 now = time.monotonic()
                 if now >= target:
                     break
                 if self.clock_pub is not None and now - self._last_clock >= CLOCK_PERIOD_S:
-                    self.publish_clock(min(stamp, first + int((now - t0) * self.rate * 1e9)) + self.offset_ns)
+                    self.publish_clock(min(stamp + shift, time.time_ns()) if self.restamp
+                                       else min(stamp, first + int((now - t0) * self.rate * 1e9)))
                 time.sleep(min(target - now, CLOCK_PERIOD_S if self.clock_pub is not None else 0.1))
-            self.publish_clock(stamp + self.offset_ns)
+            self.publish_clock(stamp + shift)
             data = data if isinstance(data, bytes) else bytes(data)
-            if self.offset_ns and topic in self.stamped:
-                data = shift_stamp(data, self.offset_ns)
+            if shift and topic in self.stamped:
+                data = shift_stamp(data, shift)
             self.publishers[topic].publish(data)
             if not stamps or stamps[-1] != stamp:
                 stamps.append(stamp)

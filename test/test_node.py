@@ -448,6 +448,21 @@ def test_clean_exit_on_signal(tmp_path, sig):
     assert rc == 0, log.read_text()
 
 
+def test_replay_restamp_patches_the_header_stamp_in_the_cdr_bytes():
+    from geometry_msgs.msg import TransformStamped
+    from rclpy.serialization import deserialize_message, serialize_message
+    from sensor_msgs.msg import PointCloud2
+
+    from ros_ot_fusion.replay import shift_stamp
+
+    for cls in (PointCloud2, TransformStamped):
+        msg = cls()
+        msg.header.stamp.sec, msg.header.stamp.nanosec, msg.header.frame_id = 10, 900_000_000, "lidar"
+        for offset, (sec, nanosec) in ((2_300_000_000, (13, 200_000_000)), (-950_000_000, (9, 950_000_000))):
+            out = deserialize_message(shift_stamp(serialize_message(msg), offset), cls)
+            assert (out.header.stamp.sec, out.header.stamp.nanosec, out.header.frame_id) == (sec, nanosec, "lidar")
+
+
 def test_replay_plays_a_bag_with_clock_and_stops_on_ctrl_c(tmp_path):
     """`ros-ot-fusion replay --clock --loop`: the recorded messages, in order, with /clock in bag time."""
     from rclpy.qos import QoSProfile
