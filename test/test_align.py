@@ -83,3 +83,25 @@ def test_simulate_then_process_bag_round_trip(tmp_path):
     fused = next(m for t, _, m in read_bag(out, ["/ros_ot_fusion/fused"]))
     assert [f.name for f in fused.fields] == ["x", "y", "z", "intensity", "rgb", "confidence"]
     assert pc2.decode(fused).frame_id == "lidar"
+
+
+def test_closed_form_eigen_matches_eigh_on_planar_linear_and_random_covariances():
+    from ros_ot_fusion.fusion.align import smallest_eigenvector
+
+    g = torch.Generator().manual_seed(int(np.random.default_rng().integers(1 << 30)))
+    R = torch.linalg.qr(torch.randn(600, 3, 3, generator=g, dtype=torch.float64))[0]
+    scales = torch.cat([torch.rand(200, 3, generator=g, dtype=torch.float64),                 # random
+                        torch.tensor([[1e-6, 0.5, 2.0]], dtype=torch.float64).expand(200, 3),   # a plane
+                        torch.tensor([[1e-4, 1e-4, 3.0]], dtype=torch.float64).expand(200, 3)])  # a line
+    A = R @ torch.diag_embed(scales) @ R.transpose(1, 2)
+    evals, v = smallest_eigenvector(A)
+    ref_vals, ref_vecs = torch.linalg.eigh(A)
+    # a repeated eigenvalue costs the cubic's solution ~sqrt(machine eps) of the largest one
+    assert torch.allclose(evals, ref_vals, atol=1e-7 * ref_vals[:, 2:].abs().max())
+    assert torch.allclose(v.norm(dim=1), torch.ones(600, dtype=torch.float64))
+    # eigenvector up to sign, where the smallest eigenvalue is distinct (not for the lines)
+    cos = (v[:400] * ref_vecs[:400, :, 0]).sum(1).abs()
+    gap = (ref_vals[:400, 1] - ref_vals[:400, 0]) / ref_vals[:400, 2]
+    assert (cos[gap > 1e-3] > 1 - 1e-6).all()
+    # A v = l_min v for all, lines included
+    assert torch.allclose(A @ v[:, :, None], evals[:, :1, None] * v[:, :, None], atol=1e-6)

@@ -135,10 +135,46 @@ def normals(p: torch.Tensor, radius: float) -> tuple[torch.Tensor, torch.Tensor]
     n = (count[pos] * hit).sum(1)
     mean = (s1[pos] * hit[..., None]).sum(1) / n[:, None]
     cov = ((s2[pos] * hit[..., None]).sum(1) / n[:, None]).reshape(-1, 3, 3) - mean[:, :, None] * mean[:, None, :]
-    evals, evecs = torch.linalg.eigh(cov)                                   # ascending
+    evals, normal = smallest_eigenvector(cov)
     planarity = ((evals[:, 1] - evals[:, 0]) / evals[:, 2].clamp_min(1e-12)).clamp(0, 1)
     planarity = torch.where(n >= 5, planarity, torch.zeros_like(planarity))
-    return evecs[:, :, 0].float(), planarity.float()
+    return normal.float(), planarity.float()
+
+
+def smallest_eigenvector(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvalues (ascending, (n, 3)) and the unit eigenvector of the smallest, (n, 3), of
+    symmetric 3x3 matrices (n, 3, 3), in closed form. (torch.linalg.eigh on CUDA goes through
+    cuSOLVER's batched solver: gigabytes of workspace for a few thousand matrices, and an internal
+    error at ~200k.) Eigenvalues by the trigonometric solution of the characteristic cubic; the
+    eigenvector as the largest cross product of two rows of A - l_min I."""
+    eye = torch.eye(3, dtype=A.dtype, device=A.device)
+    q = A.diagonal(dim1=1, dim2=2).sum(1) / 3
+    off = A[:, 0, 1] ** 2 + A[:, 0, 2] ** 2 + A[:, 1, 2] ** 2
+    p = (((A.diagonal(dim1=1, dim2=2) - q[:, None]) ** 2).sum(1) + 2 * off) / 6
+    p = p.clamp_min(0).sqrt()
+    B = (A - q[:, None, None] * eye) / p.clamp_min(1e-30)[:, None, None]
+    det = (B[:, 0, 0] * (B[:, 1, 1] * B[:, 2, 2] - B[:, 1, 2] * B[:, 2, 1])      # no batched LU either
+           - B[:, 0, 1] * (B[:, 1, 0] * B[:, 2, 2] - B[:, 1, 2] * B[:, 2, 0])
+           + B[:, 0, 2] * (B[:, 1, 0] * B[:, 2, 1] - B[:, 1, 1] * B[:, 2, 0]))
+    phi = torch.acos((det / 2).clamp(-1, 1)) / 3
+    hi = q + 2 * p * torch.cos(phi)
+    lo = q + 2 * p * torch.cos(phi + 2 * math.pi / 3)
+    evals = torch.stack([lo, 3 * q - hi - lo, hi], 1)
+    M = A - lo[:, None, None] * eye
+    cands = torch.stack([torch.linalg.cross(M[:, 0], M[:, 1]), torch.linalg.cross(M[:, 0], M[:, 2]),
+                         torch.linalg.cross(M[:, 1], M[:, 2])], 1)                 # (n, 3, 3)
+    norm = cands.norm(dim=2)
+    best = norm.argmax(1)
+    idx = torch.arange(len(A), device=A.device)
+    v, vnorm = cands[idx, best], norm[idx, best, None]
+    # a repeated smallest eigenvalue (a line): M has rank 1 and the cross products are noise; any
+    # unit vector normal to M's largest row is an eigenvector (a blob, M = 0: any unit vector)
+    row = M[idx, M.norm(dim=2).argmax(1)]
+    perp = torch.linalg.cross(row, eye[row.abs().argmin(1)])
+    pnorm = perp.norm(dim=1, keepdim=True)
+    perp = torch.where(pnorm > 0, perp / pnorm.clamp_min(1e-300), eye[2].expand_as(perp))
+    rank2 = vnorm > 1e-6 * (M ** 2).sum((1, 2))[:, None]
+    return evals, torch.where(rank2, v / vnorm.clamp_min(1e-300), perp)
 
 
 def view_bounds(camera: torch.Tensor, quantile: float = 0.001) -> tuple[float, float, float, float, float]:
