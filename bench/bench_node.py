@@ -45,10 +45,9 @@ STATUS = "ros_ot_fusion: fusion"
 
 def write_drive(out: Path, frames: int, hz: float, size: dict) -> Path:
     """The analytic street as a bag (LiDAR + camera clouds) and its params file; the bag path."""
-    from std_msgs.msg import Header
-
     from ros_ot_fusion.io import pointcloud2 as pc2
     from ros_ot_fusion.io.bag import BagWriter
+    from ros_ot_fusion.sync import header
 
     bag = out / "drive"
     if bag.exists():
@@ -60,14 +59,10 @@ def write_drive(out: Path, frames: int, hz: float, size: dict) -> Path:
         for k in range(frames):
             lidar, camera, rgb = scene.sensor_frame(k, speed=10.0 / hz, **size)   # 10 m/s
             stamp = t0 + int(k * 1e9 / hz)
-
-            def header(frame_id):
-                h = Header(frame_id=frame_id)
-                h.stamp.sec, h.stamp.nanosec = divmod(stamp, 10**9)
-                return h
-            writer.write("/lidar/points", pc2.encode(header("lidar"), lidar.numpy(),
+            writer.write("/lidar/points", pc2.encode(header("lidar", stamp), lidar.numpy(),
                                                       intensity=np.ones(len(lidar), np.float32)), stamp)
-            writer.write("/camera/points", pc2.encode(header("camera"), camera.numpy(), rgb=rgb.numpy()), stamp)
+            writer.write("/camera/points", pc2.encode(header("camera", stamp), camera.numpy(), rgb=rgb.numpy()),
+                         stamp)
     prior = tf.make_transform(tf.axis_angle_to_matrix([1, 2, 3], math.radians(1.0)) @ scene.TRUTH[:3, :3],
                               scene.TRUTH[:3, 3] + [0.03, -0.04, 0.0])
     pose = ", ".join(repr(float(v)) for v in tf.matrix_to_pose(prior))

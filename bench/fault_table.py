@@ -34,7 +34,7 @@ import scene  # noqa: E402
 
 from ros_ot_fusion import transforms as tf  # noqa: E402
 from ros_ot_fusion.io import pointcloud2 as pc2  # noqa: E402
-from ros_ot_fusion.sync import stamp_ns  # noqa: E402
+from ros_ot_fusion.sync import header, stamp_ns  # noqa: E402
 
 OK, WARN, ERROR = 0, 1, 2
 LEVELS = {OK: "OK", WARN: "WARN", ERROR: "ERROR"}
@@ -43,14 +43,6 @@ SIZE = dict(beams=32, steps=512, width=320, height=240)
 PARAMS = dict(qos_reliability="reliable", lidar_frame="lidar", camera_frame="camera", camera_timeout_s=1.0,
               max_points=3000, lidar_voxel_m=0.4, camera_voxel_m=0.4, rigid_steps=2)
 SANE_DEG, SANE_M = 1.5, 0.10          # a published extrinsic this close to the truth is not garbage
-
-
-def header(frame_id: str, stamp: int):
-    from std_msgs.msg import Header
-
-    h = Header(frame_id=frame_id)
-    h.stamp.sec, h.stamp.nanosec = divmod(int(stamp), 1_000_000_000)
-    return h
 
 
 # ---------------------------------------------------------------------------------------------

@@ -138,8 +138,8 @@ class Collector:
     """Pairs each LiDAR sweep with the camera cloud nearest in stamp, within `slop_s`.
 
     Never stalls: a sweep waits for a camera cloud at most `wait_s` (wall time: a large cloud
-    can arrive well after the sweep), and only while a later camera cloud could still be nearer; then it goes on alone,
-    marked `silent` when the camera has sent nothing for `timeout_s`. (A silent camera still
+    can arrive well after the sweep), and only while a later camera cloud could still be
+    nearer; then it goes on alone, marked `silent` when the camera has sent nothing for `timeout_s`. (A silent camera still
     gets that short wait: its first cloud after a pause, or at start, then pairs.) Times are
     `time.monotonic()` seconds, passed in (tests drive it without a clock). The pairing rule
     itself is `sync.CameraBuffer`'s, the one `process-bag` uses.

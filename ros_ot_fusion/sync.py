@@ -34,3 +34,12 @@ class CameraBuffer:
 
 def stamp_ns(msg) -> int:
     return int(msg.header.stamp.sec) * 1_000_000_000 + int(msg.header.stamp.nanosec)
+
+
+def header(frame_id: str, stamp: int):
+    """A std_msgs/Header with `frame_id` and the stamp `stamp` nanoseconds (`stamp_ns`'s inverse)."""
+    from std_msgs.msg import Header
+
+    h = Header(frame_id=frame_id)
+    h.stamp.sec, h.stamp.nanosec = divmod(int(stamp), 1_000_000_000)
+    return h

@@ -18,17 +18,14 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 def _messages(k):
     import scene
-    from std_msgs.msg import Header
 
     from ros_ot_fusion.io import pointcloud2 as pc2
+    from ros_ot_fusion.sync import header
 
     lidar, camera, rgb = scene.sensor_frame(k, speed=0.5, device="cuda")
-    h = Header(frame_id="lidar")
-    h.stamp.sec = 100 + k
-    hc = Header(frame_id="camera")
-    hc.stamp.sec = 100 + k
-    return (pc2.encode(h, lidar.cpu().numpy(), intensity=np.ones(len(lidar), np.float32)),
-            pc2.encode(hc, camera.cpu().numpy(), rgb=rgb.cpu().numpy()), scene.TRUTH)
+    stamp = (100 + k) * 1_000_000_000
+    return (pc2.encode(header("lidar", stamp), lidar.cpu().numpy(), intensity=np.ones(len(lidar), np.float32)),
+            pc2.encode(header("camera", stamp), camera.cpu().numpy(), rgb=rgb.cpu().numpy()), scene.TRUTH)
 
 
 def test_out_of_memory_skips_the_frame_and_fusing_goes_on():

@@ -180,11 +180,10 @@ def smallest_eigenvector(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def view_bounds(camera: torch.Tensor, quantile: float = 0.001) -> tuple[float, float, float, float, float]:
     """The camera's field of view as seen in its own cloud: (u_lo, u_hi, v_lo, v_hi, z_max) with
     u = x/z, v = y/z (optical frame: z forward; every point in front of the camera)."""
-    c = camera
-    u, v = c[:, 0] / c[:, 2], c[:, 1] / c[:, 2]
-    q = torch.tensor([quantile, 1 - quantile], device=c.device)
+    u, v = camera[:, 0] / camera[:, 2], camera[:, 1] / camera[:, 2]
+    q = torch.tensor([quantile, 1 - quantile], device=camera.device)
     (u_lo, u_hi), (v_lo, v_hi) = torch.quantile(u[:100000], q).tolist(), torch.quantile(v[:100000], q).tolist()
-    return u_lo, u_hi, v_lo, v_hi, float(c[:, 2].max())
+    return u_lo, u_hi, v_lo, v_hi, float(camera[:, 2].max())
 
 
 def in_view(lidar_in_camera: torch.Tensor, bounds, margin: float) -> torch.Tensor:

@@ -24,6 +24,7 @@ import numpy as np
 from ros_ot_fusion import transforms as tf
 from ros_ot_fusion.io.transform_msg import matrix_to_msg
 from ros_ot_fusion.sim.scene import Scene, ground_height
+from ros_ot_fusion.sync import header
 from ros_ot_fusion.sim.sensors import CameraConfig, DepthCamera, LidarConfig, SimCloud, SpinningLidar
 
 EPOCH_NS = 1_700_000_000 * 1_000_000_000          # stamp of frame 0
@@ -131,23 +132,15 @@ class Drive:
 
 # ---------------------------------------------------------------------------- messages and files
 
-def _header(frame_id: str, stamp_ns: int):
-    from std_msgs.msg import Header
-
-    header = Header(frame_id=frame_id)
-    header.stamp.sec, header.stamp.nanosec = divmod(int(stamp_ns), 1_000_000_000)
-    return header
-
-
 def frame_messages(frame: Frame, truth: np.ndarray) -> dict[str, object]:
     """topic -> rclpy message for one frame."""
     from ros_ot_fusion.io import pointcloud2 as pc2
 
-    return {TOPICS["lidar"]: pc2.encode(_header("lidar", frame.stamp_ns), frame.lidar.xyz,
+    return {TOPICS["lidar"]: pc2.encode(header("lidar", frame.stamp_ns), frame.lidar.xyz,
                                         intensity=frame.lidar.intensity),
-            TOPICS["camera"]: pc2.encode(_header("camera", frame.stamp_ns), frame.camera.xyz,
+            TOPICS["camera"]: pc2.encode(header("camera", frame.stamp_ns), frame.camera.xyz,
                                          rgb=frame.camera.rgb),
-            TOPICS["truth"]: matrix_to_msg(truth, _header("lidar", frame.stamp_ns), "camera")}
+            TOPICS["truth"]: matrix_to_msg(truth, header("lidar", frame.stamp_ns), "camera")}
 
 
 def params_path(bag: str | Path) -> Path:
