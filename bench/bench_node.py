@@ -155,8 +155,8 @@ def run(args) -> dict:
             s = {"t": time.monotonic() - t_start, "phase": name, "rss_mb": rss_mb(node.pid),
                  "gpu_mb": float(latest.get("gpu_memory_mb", "nan")),
                  **{k: int(latest.get(k, 0)) for k in ("lidar_received", "frames_processed", "frames_dropped",
-                                                        "frames_without_camera", "frames_with_error",
-                                                        "queue_length")}}
+                                                        "frames_without_camera", "frames_paired_late",
+                                                        "frames_with_error", "queue_length")}}
             samples.append(s)
             if len(samples) % 30 == 0:
                 print(f"[{s['t']:7.1f} s] rss {s['rss_mb']:.0f} MB  gpu {s['gpu_mb']:.0f} MB  received "
@@ -229,7 +229,8 @@ def report(result: dict, window_s: float) -> str:
     lines.append(f"sweeps sent {result['sweeps_sent']}, received by the node {received}, processed "
                  f"{final.get('frames_processed')}, dropped by its queue {final.get('frames_dropped')} "
                  f"(largest queue seen {max((s['queue_length'] for s in samples), default=0)}), without camera "
-                 f"{final.get('frames_without_camera')}, with error {final.get('frames_with_error')}; "
+                 f"{final.get('frames_without_camera')}, paired with a camera cloud that came while queued "
+                 f"{final.get('frames_paired_late')}, with error {final.get('frames_with_error')}; "
                  f"node exit {result['node_exit']}")
     lines.append(f"points a frame: {result['points']['lidar']} LiDAR + {result['points']['camera']} camera")
     return "\n".join(lines)

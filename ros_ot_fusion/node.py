@@ -129,9 +129,11 @@ class Frame:
 
     lidar: object
     received: float                    # time.monotonic() when the sweep arrived
+    stamp: int = 0                     # the sweep's stamp, ns
     camera: object | None = None
     note: str = ""                     # why there is no camera cloud (when there is none)
     silent: bool = False               # ... because the camera is silent
+    paired_late: bool = False          # the camera cloud came while the sweep was queued
 
 
 class Collector:
@@ -180,7 +182,7 @@ class Collector:
         stamp = stamp_ns(msg)
         # (after a bag loop the old camera clouds are far from the new stamps: they never pair,
         # and the buffer forgets them at the camera's own jump back)
-        frame = Frame(lidar=msg, received=now)
+        frame = Frame(lidar=msg, received=now, stamp=stamp)
         camera = self.cameras.nearest(stamp)
         newest = self.cameras.newest_stamp_ns
         if camera is not None and newest is not None and newest >= stamp:
@@ -212,7 +214,12 @@ class Collector:
 
 
 class FrameQueue:
-    """A bounded FIFO between the executor and the worker: a full queue drops its oldest frame."""
+    """A bounded FIFO between the executor and the worker: a full queue drops its oldest frame.
+
+    A sweep that went in without a camera cloud still takes one that arrives while it waits
+    (`pair_late`): under load the camera cloud, published after the sweep, can come later than
+    the collector's short wait, and the solver was busy anyway.
+    """
 
     def __init__(self, size: int):
         self.size = size
@@ -231,6 +238,20 @@ class FrameQueue:
             self._items.append(frame)
             self._cv.notify()
             return not dropped
+
+    def pair_late(self, camera, stamp: int, slop_ns: int) -> int:
+        """Give the camera cloud stamped `stamp` to each waiting sweep that went in without one
+        and for which it is the nearest so far (within `slop_ns`); how many it went to."""
+        paired = 0
+        with self._cv:
+            for frame in self._items:
+                gap = abs(stamp - frame.stamp)
+                if gap > slop_ns or not (frame.camera is None or frame.paired_late):
+                    continue
+                if frame.camera is None or gap < abs(stamp_ns(frame.camera) - frame.stamp):
+                    frame.camera, frame.note, frame.silent, frame.paired_late = camera, "", False, True
+                    paired += 1
+        return paired
 
     def get(self) -> Frame | None:
         """The oldest frame, waiting for one; None once closed."""
@@ -269,6 +290,7 @@ class Status:
     camera_received: int = 0
     processed: int = 0
     without_camera: int = 0
+    paired_late: int = 0               # sweeps whose camera cloud came while they were queued
     skipped: int = 0                   # sweeps not processed (camera silent, camera_silent_output=none)
     errors: int = 0
     last_error: str = ""
@@ -410,6 +432,7 @@ class FusionNode(Node):
             self._camera_was_silent = False
             self.get_logger().info("camera clouds are back: fusing again")
         self._dispatch(self.collector.add_camera(msg, now))
+        self.queue.pair_late(msg, stamp_ns(msg), self.collector.cameras.slop_ns)
 
     def _poll_collector(self) -> None:
         self._dispatch(self.collector.poll(time.monotonic()))
@@ -479,6 +502,7 @@ class FusionNode(Node):
             s.level, s.message, s.stats = level, message, dict(out.stats)
             s.processed += 1
             s.without_camera += frame.camera is None
+            s.paired_late += frame.paired_late
             s.latency_ms = (published - frame.received) * 1e3
             s.processing_ms = (finished - started) * 1e3
             s.queue_wait_ms = (started - frame.received) * 1e3
@@ -516,7 +540,8 @@ class FusionNode(Node):
                 pipeline_latency_ms=s.latency_ms, processing_time_ms=s.processing_ms,
                 queue_wait_ms=s.queue_wait_ms, frames_processed=s.processed,
                 frames_dropped=self.queue.dropped, frames_skipped=s.skipped,
-                frames_without_camera=s.without_camera, frames_with_error=s.errors,
+                frames_without_camera=s.without_camera, frames_paired_late=s.paired_late,
+                frames_with_error=s.errors,
                 lidar_received=s.lidar_received, camera_received=s.camera_received,
                 camera_staleness_s=camera_staleness, lidar_staleness_s=lidar_staleness,
                 queue_length=len(self.queue), last_error=s.last_error, **_memory_mb())

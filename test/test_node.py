@@ -143,6 +143,25 @@ def test_frame_queue_drops_the_oldest():
     assert q.get() is None
 
 
+def test_queued_sweeps_take_a_camera_cloud_that_comes_late():
+    from ros_ot_fusion.node import Collector, FrameQueue
+
+    c, q = Collector(slop_s=0.05, timeout_s=1.0, now=0.0, wait_s=0.1), FrameQueue(2)
+    c.add_camera(stamped(9.0), now=0.0)
+    for t, now in ((10.0, 0.1), (10.1, 0.2)):            # the solver is busy: both sweeps queue
+        c.add_lidar(stamped(t), now=now)
+        [frame] = c.poll(now=now + 0.1)                  # no camera cloud in time: LiDAR alone
+        assert frame.camera is None and frame.note
+        q.put(frame)
+    assert q.pair_late(stamped(10.13), int(10.13e9), c.cameras.slop_ns) == 1     # 10.1's only
+    assert q.pair_late(stamped(10.03), int(10.03e9), c.cameras.slop_ns) == 1     # 10.0's
+    assert q.pair_late(stamped(10.09), int(10.09e9), c.cameras.slop_ns) == 1     # nearer for 10.1
+    assert q.pair_late(stamped(10.12), int(10.12e9), c.cameras.slop_ns) == 0     # farther: kept
+    first, second = q.get(), q.get()
+    assert first.camera.name == "10.03" and not first.note and first.paired_late
+    assert second.camera.name == "10.09" and not second.note
+
+
 def test_descriptors_carry_ranges_choices_and_read_only():
     from ros_ot_fusion.node import coerce, descriptor
 
