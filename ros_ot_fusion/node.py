@@ -43,6 +43,7 @@ OK, WARN, ERROR = 0, 1, 2            # diagnostic_msgs/DiagnosticStatus levels
 STATUS_NAME = f"{P.NODE_NAME}: fusion"
 POLL_PERIOD_S = 0.01          # how often a waiting sweep checks its deadline
 CAMERA_HISTORY = 8            # camera clouds kept for pairing
+MAX_WAITING = 8               # sweeps waiting for their camera cloud at most
 LIDAR_STALE_S = 2.0           # no sweep for this long: a WARN
 LOG_THROTTLE_S = 5.0
 SET_PARAMS_WAIT_S = 5.0       # a parameter change waits at most this long for the frame in flight
@@ -141,10 +142,12 @@ class Collector:
 
     Never stalls: a sweep waits for a camera cloud at most `wait_s` (wall time: a large cloud
     can arrive well after the sweep), and only while a later camera cloud could still be
-    nearer; then it goes on alone, marked `silent` when the camera has sent nothing for `timeout_s`. (A silent camera still
-    gets that short wait: its first cloud after a pause, or at start, then pairs.) Times are
-    `time.monotonic()` seconds, passed in (tests drive it without a clock). The pairing rule
-    itself is `sync.CameraBuffer`'s, the one `process-bag` uses.
+    nearer; then it goes on alone, marked `silent` when the camera has sent nothing for
+    `timeout_s`. (A silent camera still gets that short wait: its first cloud after a pause, or
+    at start, then pairs.) Several sweeps can wait at once: a camera stream that lags the LiDAR
+    by more than a sweep period still pairs. Times are `time.monotonic()` seconds, passed in
+    (tests drive it without a clock). The pairing rule itself is `sync.CameraBuffer`'s, the one
+    `process-bag` uses.
     """
 
     def __init__(self, slop_s: float, timeout_s: float, now: float, wait_s: float = 0.1):
@@ -152,7 +155,7 @@ class Collector:
         self.cameras = CameraBuffer(int(slop_s * 1e9), CAMERA_HISTORY)
         self.started = now
         self.last_camera: float | None = None
-        self.pending: tuple[Frame, int, float] | None = None     # (frame, stamp, deadline)
+        self.pending: deque[tuple[Frame, float]] = deque()      # (frame, deadline), in arrival order
 
     @property
     def slop_s(self) -> float:
@@ -173,36 +176,35 @@ class Collector:
         stamp = stamp_ns(msg)
         self.cameras.add(stamp, msg)
         self.last_camera = now
-        if self.pending is not None and stamp >= self.pending[1]:
-            return [self._resolve(now)]                      # nothing later can be nearer
-        return []
+        # the waiting sweeps up to this stamp are decided: nothing later can be nearer
+        return self._resolve(now, lambda frame, _: frame.stamp <= stamp)
 
     def add_lidar(self, msg, now: float) -> list[Frame]:
-        ready = [self._resolve(now)] if self.pending is not None else []
         stamp = stamp_ns(msg)
         # (after a bag loop the old camera clouds are far from the new stamps: they never pair,
         # and the buffer forgets them at the camera's own jump back)
         frame = Frame(lidar=msg, received=now, stamp=stamp)
         camera = self.cameras.nearest(stamp)
         newest = self.cameras.newest_stamp_ns
-        if camera is not None and newest is not None and newest >= stamp:
+        if camera is not None and newest is not None and newest >= stamp and not self.pending:
             frame.camera = camera                            # a later cloud would be farther
-            ready.append(frame)
-        else:                                                # a later camera cloud may be nearer
-            self.pending = (frame, stamp, now + self.wait_s)
-        return ready
+            return [frame]
+        self.pending.append((frame, now + self.wait_s))     # a later camera cloud may be nearer
+        # a flood of sweeps (many times the camera's rate) is not held for long
+        return self._resolve(now, lambda frame, _: len(self.pending) > MAX_WAITING)
 
     def poll(self, now: float) -> list[Frame]:
-        """The waiting sweep, once its wait is over."""
-        if self.pending is not None and now >= self.pending[2]:
-            return [self._resolve(now)]
-        return []
+        """The waiting sweeps whose wait is over."""
+        return self._resolve(now, lambda _, deadline: now >= deadline)
 
-    def _resolve(self, now: float) -> Frame:
-        frame, stamp, _ = self.pending
-        self.pending = None
-        frame.camera = self.cameras.nearest(stamp)
-        return frame if frame.camera is not None else self._without_camera(frame, now)
+    def _resolve(self, now: float, done) -> list[Frame]:
+        """Pair the waiting sweeps from the oldest on while `done(frame, deadline)` holds."""
+        out = []
+        while self.pending and done(*self.pending[0]):
+            frame, _ = self.pending.popleft()
+            frame.camera = self.cameras.nearest(frame.stamp)
+            out.append(frame if frame.camera is not None else self._without_camera(frame, now))
+        return out
 
     def _without_camera(self, frame: Frame, now: float) -> Frame:
         if self.silent(now):
@@ -438,7 +440,7 @@ class FusionNode(Node):
         self._dispatch(self.collector.poll(time.monotonic()))
 
     def _dispatch(self, frames: list[Frame]) -> None:
-        waiting = self.collector.pending is not None
+        waiting = bool(self.collector.pending)
         if waiting and self._poll_timer.is_canceled():
             self._poll_timer.reset()
         elif not waiting and not self._poll_timer.is_canceled():

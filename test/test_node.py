@@ -143,6 +143,24 @@ def test_frame_queue_drops_the_oldest():
     assert q.get() is None
 
 
+def test_collector_pairs_a_camera_stream_that_lags_by_more_than_a_sweep_period():
+    from ros_ot_fusion.node import Collector
+
+    c = Collector(slop_s=0.02, timeout_s=1.0, now=0.0, wait_s=0.1)
+    # 20 Hz; each camera cloud comes 80 ms after its sweep (the polling timer runs every 10 ms)
+    events = sorted([(0.05 * k, "lidar", k) for k in range(6)] + [(0.05 * k + 0.08, "camera", k) for k in range(6)]
+                    + [(0.01 * i + 0.005, "poll", None) for i in range(50)])
+    got = []
+    for now, kind, k in events:
+        got += (c.add_lidar(stamped(10 + 0.05 * k), now) if kind == "lidar" else
+                c.add_camera(stamped(10 + 0.05 * k), now) if kind == "camera" else c.poll(now))
+    assert [f.camera.name if f.camera else None for f in got] == [f"{10 + 0.05 * k:g}" for k in range(6)]
+    assert c.add_lidar(stamped(11.0), now=1.0) + c.poll(now=1.05) == [] and len(c.pending) == 1
+    for k in range(1, 20):                               # a flood: at most MAX_WAITING sweeps wait
+        c.add_lidar(stamped(11.0 + 0.001 * k), now=1.05)
+    assert len(c.pending) == 8
+
+
 def test_queued_sweeps_take_a_camera_cloud_that_comes_late():
     from ros_ot_fusion.node import Collector, FrameQueue
 
