@@ -41,7 +41,7 @@ from ros_ot_fusion.sync import CameraBuffer, stamp_ns
 
 OK, WARN, ERROR = 0, 1, 2            # diagnostic_msgs/DiagnosticStatus levels
 STATUS_NAME = f"{P.NODE_NAME}: fusion"
-POLL_PERIOD_S = 0.01          # how often a waiting sweep checks its deadline
+POLL_PERIOD_S = 0.01          # how often a waiting sweep checks whether its wait is over
 CAMERA_HISTORY = 8            # camera clouds kept for pairing
 MAX_WAITING = 8               # sweeps waiting for their camera cloud at most
 LIDAR_STALE_S = 2.0           # no sweep for this long: a WARN
@@ -140,14 +140,15 @@ class Frame:
 class Collector:
     """Pairs each LiDAR sweep with the camera cloud nearest in stamp, within `slop_s`.
 
-    Never stalls: a sweep waits for a camera cloud at most `wait_s` (wall time: a large cloud
-    can arrive well after the sweep), and only while a later camera cloud could still be
-    nearer; then it goes on alone, marked `silent` when the camera has sent nothing for
-    `timeout_s`. (A silent camera still gets that short wait: its first cloud after a pause, or
-    at start, then pairs.) Several sweeps can wait at once: a camera stream that lags the LiDAR
-    by more than a sweep period still pairs. Times are `time.monotonic()` seconds, passed in
-    (tests drive it without a clock). The pairing rule itself is `sync.CameraBuffer`'s, the one
-    `process-bag` uses.
+    Never stalls for long: a sweep waits for a camera cloud only while a later one could still be
+    nearer, and only while the camera stream is alive: until `wait_s` after the sweep's arrival
+    or the last camera cloud's, whichever is later (a camera stream behind the LiDAR, e.g. an
+    executor catching up after a long solve, keeps delivering older clouds: the sweep's own is
+    on its way), and never longer than `timeout_s`. Then it goes on alone, marked `silent` when
+    the camera has sent nothing for `timeout_s`. (A silent camera still gets the short wait: its
+    first cloud after a pause, or at start, then pairs.) Several sweeps can wait at once. Times
+    are `time.monotonic()` seconds, passed in (tests drive it without a clock). The pairing rule
+    itself is `sync.CameraBuffer`'s, the one `process-bag` uses.
     """
 
     def __init__(self, slop_s: float, timeout_s: float, now: float, wait_s: float = 0.1):
@@ -155,7 +156,7 @@ class Collector:
         self.cameras = CameraBuffer(int(slop_s * 1e9), CAMERA_HISTORY)
         self.started = now
         self.last_camera: float | None = None
-        self.pending: deque[tuple[Frame, float]] = deque()      # (frame, deadline), in arrival order
+        self.pending: deque[Frame] = deque()                    # waiting sweeps, in arrival order
 
     @property
     def slop_s(self) -> float:
@@ -177,7 +178,7 @@ class Collector:
         self.cameras.add(stamp, msg)
         self.last_camera = now
         # the waiting sweeps up to this stamp are decided: nothing later can be nearer
-        return self._resolve(now, lambda frame, _: frame.stamp <= stamp)
+        return self._resolve(now, lambda frame: frame.stamp <= stamp)
 
     def add_lidar(self, msg, now: float) -> list[Frame]:
         stamp = stamp_ns(msg)
@@ -189,19 +190,21 @@ class Collector:
         if camera is not None and newest is not None and newest >= stamp and not self.pending:
             frame.camera = camera                            # a later cloud would be farther
             return [frame]
-        self.pending.append((frame, now + self.wait_s))     # a later camera cloud may be nearer
+        self.pending.append(frame)                           # a later camera cloud may be nearer
         # a flood of sweeps (many times the camera's rate) is not held for long
-        return self._resolve(now, lambda frame, _: len(self.pending) > MAX_WAITING)
+        return self._resolve(now, lambda frame: len(self.pending) > MAX_WAITING)
 
     def poll(self, now: float) -> list[Frame]:
         """The waiting sweeps whose wait is over."""
-        return self._resolve(now, lambda _, deadline: now >= deadline)
+        alive = self.last_camera if self.last_camera is not None else -math.inf
+        return self._resolve(now, lambda frame: now >= min(frame.received + self.timeout_s,
+                                                           max(frame.received, alive) + self.wait_s))
 
     def _resolve(self, now: float, done) -> list[Frame]:
-        """Pair the waiting sweeps from the oldest on while `done(frame, deadline)` holds."""
+        """Pair the waiting sweeps from the oldest on while `done(frame)` holds."""
         out = []
-        while self.pending and done(*self.pending[0]):
-            frame, _ = self.pending.popleft()
+        while self.pending and done(self.pending[0]):
+            frame = self.pending.popleft()
             frame.camera = self.cameras.nearest(frame.stamp)
             out.append(frame if frame.camera is not None else self._without_camera(frame, now))
         return out

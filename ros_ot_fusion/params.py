@@ -33,8 +33,8 @@ PARAMS: tuple[Param, ...] = (
           choices=("best_effort", "reliable"), read_only=True),
     Param("qos_depth", 5, "subscription history depth", 1, 100, read_only=True),
     Param("sync_slop_s", 0.05, "largest stamp difference of a LiDAR/camera pair (s)", 0.0, 1.0),
-    Param("sync_wait_s", 0.1, "longest wait (wall time) of a sweep for a camera cloud still in transit; "
-          "large clouds arrive late (s)", 0.0, 2.0),
+    Param("sync_wait_s", 0.1, "how long (wall time) a sweep waits for its camera cloud after its own arrival "
+          "or the last camera cloud's, whichever is later; never longer than camera_timeout_s (s)", 0.0, 2.0),
     Param("queue_size", 2, "frames waiting for the solver; the oldest is dropped (and counted)", 1, 10),
     Param("lidar_frame", "", "expected LiDAR frame_id ('' accepts the message's)"),
     Param("camera_frame", "", "expected camera frame_id ('' accepts the message's)"),

@@ -161,6 +161,28 @@ def test_collector_pairs_a_camera_stream_that_lags_by_more_than_a_sweep_period()
     assert len(c.pending) == 8
 
 
+def test_a_sweep_waits_while_a_backlogged_camera_stream_catches_up():
+    from ros_ot_fusion.node import Collector
+
+    c = Collector(slop_s=0.02, timeout_s=1.0, now=0.0, wait_s=0.1)
+    c.add_camera(stamped(9.5), now=0.0)
+    assert c.add_lidar(stamped(10.0), now=0.0) == []
+    for k in range(6):                                   # older clouds keep coming, 60 ms apart
+        now = 0.06 * (k + 1)
+        assert c.add_camera(stamped(9.6 + 0.06 * k), now) == [] and c.poll(now + 0.05) == []
+    [frame] = c.add_camera(stamped(10.0), now=0.4)       # ... then its own, 0.4 s after the sweep
+    assert frame.camera.name == "10" and not frame.note
+    assert c.add_lidar(stamped(10.1), now=0.5) == [] and c.poll(now=0.59) == []
+    [frame] = c.poll(now=0.6)                            # the stream stopped: 0.1 s after its last cloud
+    assert frame.camera is None
+    c.add_lidar(stamped(10.2), now=0.6)
+    for k in range(30):                                  # never longer than timeout_s, stream or not
+        c.add_camera(stamped(9.0), now=0.6 + 0.05 * k)
+        if c.poll(now=0.6 + 0.05 * k):
+            break
+    assert 0.6 + 0.05 * k >= 1.6 - 1e-9 and not c.pending
+
+
 def test_queued_sweeps_take_a_camera_cloud_that_comes_late():
     from ros_ot_fusion.node import Collector, FrameQueue
 
