@@ -112,17 +112,18 @@ def main():
         print("\n## tile sweep, one soft-min at 65536^2 (ms); exact: cost from differences")
         best = (float("inf"), None)
         for exact in (False, True):
-            for bm, bn, warps in ((64, 32, 4), (128, 32, 4), (64, 64, 4), (128, 64, 4), (128, 64, 8),
-                                  (64, 128, 4), (128, 128, 4), (128, 128, 8), (256, 64, 8), (256, 128, 8)):
-                cfg = (bm, bn, warps, True, exact)
+            for bm, bn, warps, split in [(bm, bn, w, s) for bm, bn in ((128, 32), (64, 32), (128, 16), (128, 64))
+                                         for w in (2, 4) for s in (1, 2, 4, 8)]:
+                cfg = (bm, bn, warps, split, exact)
                 try:
                     ms = time_iteration(lambda: softmin_triton(x, y, h, args.eps, config=cfg), 3, 30)
                     err = check(4096, 4096, 1e-4, config=cfg)
-                    print(f"  BM={bm:3d} BN={bn:3d} warps={warps} exact={exact:d}: {ms:7.3f} ms  err(eps=1e-4) {err:.1e}")
+                    print(f"  BM={bm:3d} BN={bn:3d} warps={warps} split={split} exact={exact:d}: {ms:7.3f} ms  "
+                          f"err(eps=1e-4) {err:.1e}")
                     if ms < best[0]:
                         best = (ms, cfg)
                 except Exception as exc:  # noqa: BLE001 (a config that does not compile)
-                    print(f"  BM={bm:3d} BN={bn:3d} warps={warps} exact={exact}: failed {type(exc).__name__}: {exc}"[:200])
+                    print(f"  BM={bm:3d} BN={bn:3d} warps={warps} split={split} exact={exact}: failed {type(exc).__name__}: {exc}"[:200])
         config = best[1]
         print(f"  best: {config}")
 

@@ -8,15 +8,16 @@ import sys
 
 import torch
 
-from ros_ot_fusion.kernels.softmin import _softmin_kernel, LOG2E
+from ros_ot_fusion.kernels.softmin import _softmin_kernel, column_blocks, LOG2E
 
-bm, bn, warps, exact = (int(a) for a in sys.argv[1:5]) if len(sys.argv) > 4 else (128, 32, 4, 0)
+bm, bn, warps, exact = (int(a) for a in sys.argv[1:5]) if len(sys.argv) > 4 else (128, 32, 2, 0)
 n = 8192
 x = torch.randn(3, n, device="cuda")
 h = torch.randn(n, device="cuda")
 out = torch.empty(n, device="cuda")
-k = _softmin_kernel[(n // bm,)](x, x, h, out, out, out, n, n, LOG2E / 0.01, LOG2E, SPARSE=False,
-                                BLOCK=128, BLOCK_M=bm, BLOCK_N=bn, FTZ=True, EXACT=bool(exact),
+k = _softmin_kernel[(n // bm, 1)](x, *column_blocks(x, 128), h, out, out, out, out, n, n, LOG2E / 0.01, LOG2E,
+                                   SPARSE=False, BLOCK=128, BLOCK_M=bm, BLOCK_N=bn, SPLIT=1, FTZ=True,
+                                   EXACT=bool(exact),
                                 num_warps=warps)
 print("registers", k.n_regs, "spills", k.n_spills, "shared", k.metadata.shared)
 import os, subprocess, tempfile

@@ -11,14 +11,22 @@ Layout. Points are stored transposed, (3, n) float32, and padded to a multiple o
 points; padding carries h = -inf and finite coordinates. Block-sparse calls take a CSR list
 of block pairs, (row_ptr, cols): row block I meets column blocks cols[row_ptr[I]:row_ptr[I+1]].
 
-Numerics. Each program centres its rows and the column tiles on its first row point c, and
-evaluates -C_ij/eps = -(|x'|^2 + |y'|^2 - 2 x'.y')/eps with x' = x - c, y' = y - c: the
-expanded form costs 3 FMAs per pair, and centring keeps it exact to float32 rounding of
-|y'|^2, which for pairs that matter is about C_ij itself (metre-scale coordinates broke the
-un-centred form; see the design notes). Exponentials are base 2 with an online maximum
-(the attention trick), so a pair costs 3 FMA + max + sub + add + one ex2.
+Numerics. The soft-min kernel takes the columns centred per block (`column_blocks`: each block
+moved by its first point d, and |y - d|^2, computed once per point set). For a row x and a
+column block it forms e = x - d once, then -C/eps = -(|e|^2 + |y - d|^2 - 2 e.(y - d))/eps:
+the expanded form costs 3 FMAs a pair, and centring keeps it exact to float32 rounding of
+|e|^2, which for the pairs that matter is about C itself (metre-scale coordinates broke the
+un-centred form; see the design notes). With everything per column precomputed and everything
+per row done once per block, the inner loop is 3 FMA + max + sub + one ex2 + add a pair.
+Exponentials are base 2 with an online maximum (the attention trick).
+
+Parallelism. A row tile's column blocks are split over SPLIT programs, each writing a partial
+(max, sum); `_combine_kernel` merges them. One program per row tile filled an H100 only ~0.6
+waves at 65536 points and left it waiting on loads.
 """
 from __future__ import annotations
+
+import weakref
 
 import torch
 import triton
@@ -82,36 +90,67 @@ def _tile_count(ROW_PTR, pid, m_pad, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
 
 
 @triton.jit
-def _softmin_kernel(X, Y, H, OUT, ROW_PTR, COLS, n_pad, m_pad, scale, l2e,
+def _softmin_kernel(X, YC, YY, D, H, M, L, ROW_PTR, COLS, n_pad, m_pad, scale, l2e,
                     SPARSE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
-                    BLOCK_N: tl.constexpr, FTZ: tl.constexpr, EXACT: tl.constexpr):
+                    BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, FTZ: tl.constexpr, EXACT: tl.constexpr):
+    """Partial log2-sum-exp2 of one row tile over its share of the column blocks: M (max), L (sum)."""
     pid = tl.program_id(0)
-    rows, c0, c1, c2, x0, x1, x2 = _rows(X, n_pad, pid, BLOCK_M)
-    a0 = 2.0 * scale * x0
-    a1 = 2.0 * scale * x1
-    a2 = 2.0 * scale * x2
-    xx = scale * (x0 * x0 + x1 * x1 + x2 * x2)
+    part = tl.program_id(1)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)[:, None]
+    x0 = tl.load(X + rows)
+    x1 = tl.load(X + n_pad + rows)
+    x2 = tl.load(X + 2 * n_pad + rows)
+    n_col_blocks = m_pad // BLOCK
+    if SPARSE:
+        first = tl.load(ROW_PTR + (pid * BLOCK_M) // BLOCK)
+        count = tl.load(ROW_PTR + (pid * BLOCK_M) // BLOCK + 1) - first
+    else:
+        first, count = 0, n_col_blocks
+    share = tl.cdiv(count, SPLIT)
+    lo = part * share
+    hi = tl.minimum(lo + share, count)
     m_i = tl.full([BLOCK_M, 1], _NEG, tl.float32)
     l_i = tl.zeros([BLOCK_M, 1], tl.float32)
-    start, n_tiles = _tile_count(ROW_PTR, pid, m_pad, BLOCK, BLOCK_M, BLOCK_N, SPARSE)
-    for t in range(n_tiles):
-        j0 = _tile_origin(COLS, start, t, BLOCK, BLOCK_N, SPARSE)
-        cols, y0, y1, y2, hq = _load_tile(Y, H, m_pad, j0, c0, c1, c2, l2e, BLOCK_N)
-        if EXACT:       # s = h - C/eps from exact differences (6 ops a pair)
-            d0 = x0 - y0
-            d1 = x1 - y1
-            d2 = x2 - y2
-            s = hq - scale * (d0 * d0 + d1 * d1 + d2 * d2)
-        else:           # expanded, centred: s + |x'|^2 scale = q_j + a_i . y'_j (3 FMAs a pair)
-            q = hq - scale * (y0 * y0 + y1 * y1 + y2 * y2)
-            s = q + a0 * y0 + a1 * y1 + a2 * y2
-        m_new = tl.maximum(m_i, tl.max(s, axis=1, keep_dims=True))
-        l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(_exp2(s - m_new, FTZ), axis=1, keep_dims=True)
-        m_i = m_new
-    lse2 = m_i + tl.log2(l_i)
-    if not EXACT:
-        lse2 = lse2 - xx
-    tl.store(OUT + rows, -lse2 / scale)
+    for t in range(lo, hi):
+        b = tl.load(COLS + first + t) if SPARSE else t
+        e0 = x0 - tl.load(D + b)                      # rows relative to the column block's first point
+        e1 = x1 - tl.load(D + n_col_blocks + b)
+        e2 = x2 - tl.load(D + 2 * n_col_blocks + b)
+        a0 = 2.0 * scale * e0
+        a1 = 2.0 * scale * e1
+        a2 = 2.0 * scale * e2
+        r = scale * (e0 * e0 + e1 * e1 + e2 * e2)
+        for k in tl.static_range(BLOCK // BLOCK_N):
+            cols = b * BLOCK + k * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+            y0 = tl.load(YC + cols)
+            y1 = tl.load(YC + m_pad + cols)
+            y2 = tl.load(YC + 2 * m_pad + cols)
+            hq = tl.load(H + cols) * l2e
+            if EXACT:   # u = h - C/eps from exact differences (6 ops a pair)
+                d0 = e0 - y0
+                d1 = e1 - y1
+                d2 = e2 - y2
+                u = hq - scale * (d0 * d0 + d1 * d1 + d2 * d2)
+                shift = tl.zeros_like(r)
+            else:       # u - r = h - C/eps with r = |e|^2 scale per row: 3 FMAs a pair
+                u = (hq - scale * tl.load(YY + cols)) + a0 * y0 + a1 * y1 + a2 * y2
+                shift = r
+            m_new = tl.maximum(m_i, tl.max(u, axis=1, keep_dims=True) - shift)
+            l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(_exp2(u - (m_new + shift), FTZ), axis=1, keep_dims=True)
+            m_i = m_new
+    tl.store(M + part * n_pad + rows, m_i)
+    tl.store(L + part * n_pad + rows, l_i)
+
+
+@triton.jit
+def _combine_kernel(M, L, OUT, n_pad, inv_scale, SPLIT: tl.constexpr, BLOCK: tl.constexpr):
+    """-eps * ln of the summed partials: OUT = -(max + log2 sum L 2^(M - max)) / scale."""
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    parts = tl.arange(0, SPLIT)[:, None] * n_pad + rows[None, :]
+    m = tl.load(M + parts)
+    peak = tl.max(m, axis=0)
+    total = tl.sum(tl.load(L + parts) * tl.exp2(m - peak[None, :]), axis=0)
+    tl.store(OUT + rows, -(peak + tl.log2(total)) * inv_scale)
 
 
 @triton.jit
@@ -147,22 +186,46 @@ def _barycenter_kernel(X, Y, H, V, LSE, MEAN_V, MEAN_C, ROW_PTR, COLS, n_pad, m_
     tl.store(MEAN_V + rows * K + ks, acc_v / l_i, mask=ks < K)
 
 
-def _config(n_pad: int, block: int, device) -> tuple[int, int, int, bool]:
-    """Pinned kernel configuration (BLOCK_M, BLOCK_N, num_warps, ftz); never autotuned on the hot path.
+def _config(n_pad: int, block: int) -> tuple[int, int, int, int]:
+    """Pinned kernel configuration (BLOCK_M, BLOCK_N, num_warps, SPLIT); never autotuned on the hot path.
 
-    Measured on an H100 at 65536^2 (bench/bench_softmin.py --sweep): 128 x 32 tiles with 4 warps
-    are fastest by 30% or more; shorter row tiles fill the GPU for small problems.
+    Measured on an H100 (bench/bench_softmin.py --sweep, bench/RESULTS.md): 128 x 32 tiles with
+    2 warps, the column blocks split 8 ways up to 131072 rows (4096 programs and more): one soft-min
+    at 65536^2 takes 2.47 ms split 8 ways, 2.63 split 2 ways, 4.65 unsplit; with 4 warps, 4.25.
     """
-    bm = 128 if n_pad >= 32768 else 64 if n_pad >= 8192 else 32
-    return min(bm, block), min(32, block), 4, device.type == "cuda"
+    bm = min(128, block)
+    split = max(1, min(8, 8192 * bm // n_pad))
+    return bm, min(32, block), 2, 1 << (split.bit_length() - 1)       # a power of two
 
 
 def needs_exact(extent2: float, eps: float) -> bool:
     """Whether the 3-FMA expanded cost loses more than ~1e-4 in the exponent.
 
-    Its error is about 1e-7 * extent2 / eps, extent2 being the squared size of a row tile.
+    Its error is about 1e-7 * extent2 / eps, extent2 being the squared size of a column block.
     """
     return extent2 / eps > 1e3
+
+
+_COLUMNS: dict = {}    # (id(y), block) -> (weak reference to y, y._version, column_blocks(y))
+
+
+def column_blocks(y: torch.Tensor, block: int):
+    """(y - d (3, m), |y - d|^2 (m,), d (3, blocks)): each block of points centred on its first.
+
+    Cached per point tensor: a solve's points stay the same over its iterations (a tensor
+    changed in place, or freed and replaced, misses)."""
+    key = (id(y), block)
+    hit = _COLUMNS.get(key)
+    if hit is not None and hit[0]() is y and hit[1] == y._version:
+        return hit[2]
+    yb = y.reshape(3, -1, block)
+    d = yb[:, :, :1]
+    yc = (yb - d).reshape(3, -1).contiguous()
+    out = (yc, (yc * yc).sum(0), d[:, :, 0].contiguous())
+    for k in [k for k, v in _COLUMNS.items() if v[0]() is None]:
+        del _COLUMNS[k]
+    _COLUMNS[key] = (weakref.ref(y), y._version, out)
+    return out
 
 
 def _check(x, y, h, block):
@@ -173,15 +236,19 @@ def _check(x, y, h, block):
 
 def softmin_triton(x, y, h, eps: float, pairs=None, block: int = 128, exact: bool = True, config=None):
     """exact: cost from differences (else the 3-FMA expanded form, see needs_exact).
-    config: (BLOCK_M, BLOCK_N, num_warps, ftz, exact) overrides the pinned choice (benchmarks)."""
+    config: (BLOCK_M, BLOCK_N, num_warps, SPLIT, exact) overrides the pinned choice (benchmarks)."""
     _check(x, y, h, block)
     n_pad, m_pad = x.shape[1], y.shape[1]
-    bm, bn, warps, ftz, exact = config or (*_config(n_pad, block, x.device), exact)
+    bm, bn, warps, split, exact = config or (*_config(n_pad, block), exact)
+    partial = torch.empty(2, split, n_pad, device=x.device, dtype=torch.float32)
+    row_ptr, cols = pairs if pairs is not None else (partial, partial)   # unused when dense
+    _softmin_kernel[(n_pad // bm, split)](x, *column_blocks(y, block), h, partial[0], partial[1], row_ptr,
+                                          cols, n_pad, m_pad, LOG2E / eps, LOG2E, SPARSE=pairs is not None,
+                                          BLOCK=block, BLOCK_M=bm, BLOCK_N=bn, SPLIT=split,
+                                          FTZ=x.device.type == "cuda", EXACT=exact, num_warps=warps)
     out = torch.empty(n_pad, device=x.device, dtype=torch.float32)
-    row_ptr, cols = pairs if pairs is not None else (out, out)   # unused when dense
-    _softmin_kernel[(n_pad // bm,)](x, y, h, out, row_ptr, cols, n_pad, m_pad, LOG2E / eps, LOG2E,
-                                    SPARSE=pairs is not None, BLOCK=block, BLOCK_M=bm, BLOCK_N=bn,
-                                    FTZ=ftz, EXACT=exact, num_warps=warps)
+    _combine_kernel[(n_pad // block,)](partial[0], partial[1], out, n_pad, eps / LOG2E,
+                                       SPLIT=split, BLOCK=block)
     return out
 
 

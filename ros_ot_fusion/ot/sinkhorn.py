@@ -79,12 +79,12 @@ class Problem:
     def softmin_x(self, g: torch.Tensor, eps: float) -> torch.Tensor:
         """softmin over j of (C_ij - g_j - eps log b_j), for every x_i (padded)."""
         return softmin(self.x.pts, self.y.pts, self.y.logw + g / eps, eps, self.pairs_xy,
-                       self.x.block, self.backend, needs_exact(self.x.extent2, eps),
+                       self.x.block, self.backend, needs_exact(self.y.extent2, eps),
                        self._costs("_costs_xy", self.x, self.y, self.pairs_xy))
 
     def softmin_y(self, f: torch.Tensor, eps: float) -> torch.Tensor:
         return softmin(self.y.pts, self.x.pts, self.x.logw + f / eps, eps, self.pairs_yx,
-                       self.y.block, self.backend, needs_exact(self.y.extent2, eps),
+                       self.y.block, self.backend, needs_exact(self.x.extent2, eps),
                        self._costs("_costs_yx", self.y, self.x, self.pairs_yx))
 
 
