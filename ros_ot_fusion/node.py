@@ -44,6 +44,7 @@ STATUS_NAME = f"{P.NODE_NAME}: fusion"
 POLL_PERIOD_S = 0.01          # how often a waiting sweep checks whether its wait is over
 CAMERA_HISTORY = 8            # camera clouds kept for pairing
 MAX_WAITING = 8               # sweeps waiting for their camera cloud at most
+STARVED_S = 3 * POLL_PERIOD_S # a poll this late: the executor itself was held up (a busy CPU)
 LIDAR_STALE_S = 2.0           # no sweep for this long: a WARN
 LOG_THROTTLE_S = 5.0
 SET_PARAMS_WAIT_S = 5.0       # a parameter change waits at most this long for the frame in flight
@@ -156,6 +157,7 @@ class Collector:
         self.cameras = CameraBuffer(int(slop_s * 1e9), CAMERA_HISTORY)
         self.started = now
         self.last_camera: float | None = None
+        self.last_event = now                                   # the last call of any kind
         self.pending: deque[Frame] = deque()                    # waiting sweeps, in arrival order
 
     @property
@@ -176,11 +178,12 @@ class Collector:
     def add_camera(self, msg, now: float) -> list[Frame]:
         stamp = stamp_ns(msg)
         self.cameras.add(stamp, msg)
-        self.last_camera = now
+        self.last_camera = self.last_event = now
         # the waiting sweeps up to this stamp are decided: nothing later can be nearer
         return self._resolve(now, lambda frame: frame.stamp <= stamp)
 
     def add_lidar(self, msg, now: float) -> list[Frame]:
+        self.last_event = now
         stamp = stamp_ns(msg)
         # (after a bag loop the old camera clouds are far from the new stamps: they never pair,
         # and the buffer forgets them at the camera's own jump back)
@@ -195,7 +198,11 @@ class Collector:
         return self._resolve(now, lambda frame: len(self.pending) > MAX_WAITING)
 
     def poll(self, now: float) -> list[Frame]:
-        """The waiting sweeps whose wait is over."""
+        """The waiting sweeps whose wait is over. A late poll means the executor was held up: the
+        messages that came meanwhile are taken first (only the `timeout_s` bound holds now)."""
+        starved, self.last_event = now - self.last_event > STARVED_S, now
+        if starved:
+            return self._resolve(now, lambda frame: now >= frame.received + self.timeout_s)
         alive = self.last_camera if self.last_camera is not None else -math.inf
         return self._resolve(now, lambda frame: now >= min(frame.received + self.timeout_s,
                                                            max(frame.received, alive) + self.wait_s))

@@ -94,6 +94,15 @@ def stamped(sec: float):
                            name=f"{sec:g}")
 
 
+def polled(c, since: float, until: float) -> list:
+    """What the node's 10 ms polling timer gets from the collector over (since, until]."""
+    out, k = [], 1
+    while since + 0.01 * k <= until + 1e-9:
+        out += c.poll(since + 0.01 * k)
+        k += 1
+    return out
+
+
 def test_collector_pairs_nearest_and_never_stalls():
     from ros_ot_fusion.node import Collector
 
@@ -106,11 +115,11 @@ def test_collector_pairs_nearest_and_never_stalls():
     [frame] = c.add_camera(stamped(10.10), now=0.21)     # ... and it does
     assert frame.camera.name == "10.1"
     assert c.add_lidar(stamped(10.14), now=0.3) == []    # waits, but not for long
-    assert c.poll(now=0.3 + 0.035) == []
-    [frame] = c.poll(now=0.3 + 0.07)
+    assert polled(c, 0.3, 0.36) == []
+    [frame] = polled(c, 0.36, 0.37)
     assert frame.camera.name == "10.1"
     assert c.add_lidar(stamped(10.30), now=0.4) == []
-    [frame] = c.poll(now=0.5)                            # nothing within the slop: LiDAR alone
+    [frame] = polled(c, 0.4, 0.5)                        # nothing within the slop: LiDAR alone
     assert frame.camera is None and "sync_slop_s" in frame.note and not frame.silent
 
 
@@ -120,7 +129,7 @@ def test_collector_goes_lidar_only_when_the_camera_is_silent_and_recovers():
     c = Collector(slop_s=0.05, timeout_s=1.0, now=0.0)
     c.add_camera(stamped(5.0), now=0.0)
     assert c.add_lidar(stamped(7.0), now=2.0) == []      # silent: a short wait all the same
-    [frame] = c.poll(now=2.1)
+    [frame] = polled(c, 2.0, 2.1)
     assert frame.camera is None and frame.silent and "camera silent" in frame.note
     assert c.add_lidar(stamped(7.2), now=2.2) == []      # the camera's first cloud in a while ...
     [frame] = c.add_camera(stamped(7.2), now=2.21)       # ... pairs with the waiting sweep
@@ -183,6 +192,19 @@ def test_a_sweep_waits_while_a_backlogged_camera_stream_catches_up():
     assert 0.6 + 0.05 * k >= 1.6 - 1e-9 and not c.pending
 
 
+def test_a_late_poll_lets_the_messages_taken_meanwhile_go_first():
+    from ros_ot_fusion.node import Collector
+
+    c = Collector(slop_s=0.02, timeout_s=1.0, now=0.0, wait_s=0.1)
+    c.add_camera(stamped(9.9), now=0.0)
+    assert c.add_lidar(stamped(10.0), now=0.0) == [] and polled(c, 0.0, 0.05) == []
+    assert c.poll(now=0.3) == []                         # the executor stood still for 250 ms ...
+    [frame] = c.add_camera(stamped(10.0), now=0.3)       # ... with the sweep's cloud waiting in DDS
+    assert frame.camera.name == "10"
+    c.add_lidar(stamped(10.1), now=0.3)
+    assert c.poll(now=1.0) == [] and c.poll(now=1.4)[0].camera is None    # timeout_s still holds
+
+
 def test_queued_sweeps_take_a_camera_cloud_that_comes_late():
     from ros_ot_fusion.node import Collector, FrameQueue
 
@@ -190,7 +212,7 @@ def test_queued_sweeps_take_a_camera_cloud_that_comes_late():
     c.add_camera(stamped(9.0), now=0.0)
     for t, now in ((10.0, 0.1), (10.1, 0.2)):            # the solver is busy: both sweeps queue
         c.add_lidar(stamped(t), now=now)
-        [frame] = c.poll(now=now + 0.1)                  # no camera cloud in time: LiDAR alone
+        [frame] = polled(c, now, now + 0.1)              # no camera cloud in time: LiDAR alone
         assert frame.camera is None and frame.note
         q.put(frame)
     assert q.pair_late(stamped(10.13), int(10.13e9), c.cameras.slop_ns) == 1     # 10.1's only
