@@ -133,7 +133,6 @@ def main():
     for n in args.sizes:
         x, y = scene(n, n)
         f = torch.randn(n, device="cuda") * 0.01
-        g = torch.randn(n, device="cuda") * 0.01
         logw = torch.full((n,), -float(torch.log(torch.tensor(float(n)))), device="cuda")
         eps = args.eps
 
