@@ -368,9 +368,8 @@ class Aligner:
             memory = cfg.memory * state.information
         T_before = T.copy()
         log, result, previous, information = [], None, None, None
-        k = extra = 0
-        while k < len(steps):
-            eps, k = steps[k], k + 1
+        extra = 0
+        for i, eps in enumerate(steps):                  # (a cold frame may append steps)
             y = transform(T, c)
             n = nrm @ torch.as_tensor(T[:3, :3], dtype=torch.float32, device=self.device).t()
             solver = MultiscaleSinkhorn(eps, rho=max(cfg.rho, 4 * eps), tol=cfg.tol,
@@ -409,7 +408,7 @@ class Aligner:
                                                   f"(conditioning {step.conditioning:.1e})", log)
             T = step.matrix(factor) @ T
             information = step.information
-            if (cold and k == len(steps) and extra < cfg.cold_extra_steps
+            if (cold and i == len(steps) - 1 and extra < cfg.cold_extra_steps
                     and factor * np.linalg.norm(step.scaled()) > cfg.converged_m):
                 steps.append(cfg.eps)                # not converged yet: one more step
                 extra += 1
