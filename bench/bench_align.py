@@ -63,7 +63,6 @@ import time  # noqa: E402
 import numpy as np  # noqa: E402
 import open3d as o3d  # noqa: E402
 import torch  # noqa: E402
-import yaml  # noqa: E402
 
 from ros_ot_fusion import params as P  # noqa: E402
 from ros_ot_fusion import transforms as tf  # noqa: E402
@@ -214,12 +213,10 @@ def parse_level(text: str) -> tuple[float, float]:
 
 
 def parse_params(items: list[str]) -> dict:
-    out = {}
-    for item in items:
-        name, sep, value = item.partition(":=") if ":=" in item else item.partition("=")
-        if not sep:
-            raise SystemExit(f"-p wants NAME=VALUE, got {item!r}")
-        out[name] = yaml.safe_load(value)
+    try:    # NAME=VALUE is taken too
+        out = P.overrides([i if ":=" in i else i.replace("=", ":=", 1) for i in items])
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
     return P.validate(out)
 
 

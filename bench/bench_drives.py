@@ -21,9 +21,8 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import yaml
 
-from ros_ot_fusion.params import load_params_file
+from ros_ot_fusion.params import load_params_file, overrides
 from ros_ot_fusion.process_bag import process_bag
 from ros_ot_fusion.sim import CameraConfig, DriveConfig, LidarConfig, params_path, write_bag
 
@@ -38,10 +37,7 @@ def run_drive(spec: str, args) -> dict:
         print(f"simulating {bag.name} ...", file=sys.stderr)
         write_bag(bag, DriveConfig(frames=args.frames, seed=seed, miscalib_deg=deg, miscalib_m=m,
                                    lidar=LidarConfig(beams=beams), camera=CameraConfig()))
-    params = load_params_file(params_path(bag))
-    for item in args.p:
-        name, _, value = item.partition(":=")
-        params[name] = yaml.safe_load(value)
+    params = {**load_params_file(params_path(bag)), **overrides(args.p)}
     row = {"drive": spec, "seed": seed, "beams": beams, "deg": deg, "m": m}
     png = Path(args.figures) / f"drive_seed{seed}_{beams}beams.png"
     modes = [("warm", {}), ("cold", {"warm_start": False})][: 2 if spec in args.cold else 1]

@@ -59,18 +59,12 @@ def _node(args) -> int:
 def _process_bag(args) -> int:
     import json
 
-    import yaml
-
-    from ros_ot_fusion.params import load_params_file
+    from ros_ot_fusion.params import load_params_file, overrides
     from ros_ot_fusion.process_bag import process_bag, report
 
     try:
         params = load_params_file(args.params_file) if args.params_file else {}
-        for item in args.param:
-            name, sep, value = item.partition(":=")
-            if not sep:
-                raise ValueError(f"-p wants NAME:=VALUE, got {item!r}")
-            params[name] = yaml.safe_load(value)
+        params.update(overrides(args.param))
         summary = process_bag(args.in_bag, args.out_bag, params, storage=args.storage, png=args.png)
     except (OSError, ValueError) as error:
         print(f"ros-ot-fusion process-bag: {error}", file=sys.stderr)

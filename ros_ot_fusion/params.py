@@ -148,6 +148,19 @@ def validate(params: dict) -> dict:
     return values
 
 
+def overrides(items: list[str]) -> dict:
+    """`-p NAME:=VALUE` command-line overrides as a dict, each value read as YAML (1.0, [1, 2], true)."""
+    import yaml
+
+    out = {}
+    for item in items:
+        name, sep, value = item.partition(":=")
+        if not sep:
+            raise ValueError(f"-p wants NAME:=VALUE, got {item!r}")
+        out[name] = yaml.safe_load(value)
+    return out
+
+
 def load_params_file(path: str | Path, node_name: str = NODE_NAME) -> dict:
     """The `ros__parameters` of `node_name` (or of `/**`) in a ROS 2 params YAML file."""
     import yaml
