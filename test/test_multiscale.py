@@ -79,6 +79,24 @@ def test_warm_start_same_solution_fewer_iterations():
     assert warm.cost == pytest.approx(cold.cost, rel=1e-3)
 
 
+def test_refine_after_a_rigid_step_same_solution_fewer_iterations():
+    """The aligner's later steps: same rows, the columns moved a little (in their original order)."""
+    solver = MultiscaleSinkhorn(0.003, rho=1.0, tol=1e-4, block=64, backend="torch")
+    x, y = sheet(1200, 12), sheet(1500, 13)
+    first = solver(x, y)
+    c, s = math.cos(0.002), math.sin(0.002)             # 0.1 deg about the sheet's centre, 6 mm
+    R = torch.tensor([[c, -s, 0], [s, c, 0], [0, 0, 1.0]], device=DEVICE)
+    centre = y.mean(0)
+    y2 = (y - centre) @ R.t() + centre + torch.tensor([0.005, -0.003, 0.002], device=DEVICE)
+    cold, refined = solver(x, y2), solver.refine(first, y2)
+    handed_over = solver(x, y2, warm=first.warm)
+    assert refined.iterations < 0.5 * cold.iterations and refined.marginal_error < 1e-4
+    assert refined.iterations <= handed_over.iterations
+    assert refined.cost == pytest.approx(cold.cost, rel=1e-3)
+    torch.testing.assert_close(refined.apply(y2), cold.apply(y2), atol=2e-3, rtol=0)
+    torch.testing.assert_close(refined.g, cold.g - cold.g.mean() + refined.g.mean(), atol=2e-4, rtol=0)
+
+
 def test_triton_backend_runs_the_sparse_solver():
     """Same pyramid, pairs and iteration count on both backends: same potentials."""
     x, y = sheet(200, 10), sheet(240, 11)

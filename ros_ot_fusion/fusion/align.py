@@ -15,7 +15,8 @@ the camera does not see carry none), normal coherence and planarity (edges and c
 less) and a Geman-McClure factor on the residual (outliers count little).
 
 Across frames the state keeps T, the final eps and the finest potentials; a warm frame runs only
-`rigid_steps` solves at the final eps, started from the kept potentials. A cold frame (the first,
+`rigid_steps` solves at the final eps, started from the kept potentials. Within a frame each
+solve goes on from the last one's potentials (same points, moved by the step: `refine`). A cold frame (the first,
 or after a reset) goes on at the final eps until its step is under `converged_m` (at most
 `cold_extra_steps` more): from a 5 deg / 0.3 m prior the schedule alone can stop 1 deg / 40 cm
 short along a street's weakly constrained directions, and the fused information of later frames
@@ -375,8 +376,8 @@ class Aligner:
             solver = MultiscaleSinkhorn(eps, rho=max(cfg.rho, 4 * eps), tol=cfg.tol,
                                         sizes=[s for s in cfg.pyramid_voxel_sizes if s * s > eps],
                                         max_iter=cfg.max_iter, backend=self.backend)
-            with record_function("align.solve"):
-                result = solver(x, y, warm=warm)
+            with record_function("align.solve"):    # later steps go on from the last one's potentials
+                result = solver(x, y, warm=warm) if i == 0 else solver.refine(result, y)
             warm = result.warm
             if not (math.isfinite(result.marginal_error) and torch.isfinite(result.f_pad).all()):
                 return Alignment(T_before, False, f"solver diverged at eps={eps:g}", log)

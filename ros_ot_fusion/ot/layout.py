@@ -64,6 +64,14 @@ class Layout:
         logw = torch.cat([logw, logw.new_full((pad,), -torch.inf)]).contiguous()
         return Layout(pts, logw, order, n, block)
 
+    def moved(self, points: torch.Tensor) -> "Layout":
+        """The same points (n, 3), in the same order, at new coordinates (a rigid motion keeps
+        each block a tight cluster, so the order need not change)."""
+        stored = points if self.order is None else points[self.order]
+        pad = self.n_pad - self.n
+        pts = torch.cat([stored, stored[-1:].expand(pad, 3)]).t().contiguous()
+        return Layout(pts, self.logw, self.order, self.n, self.block)
+
     @property
     def n_pad(self) -> int:
         return self.pts.shape[1]

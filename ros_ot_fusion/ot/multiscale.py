@@ -242,17 +242,32 @@ class MultiscaleSinkhorn:
                 log.iterations += len(steps)
                 levels_info.append(info)
                 coarse = (X, Y)
+        return self._finest(X, Y, f, g, schedule, backend, log, levels_info)
+
+    def refine(self, previous: MultiscaleResult, y: torch.Tensor) -> MultiscaleResult:
+        """Solve again after the columns moved, from `previous`'s potentials as they are: the
+        same rows, and y the same points as `previous`'s columns in the same order, moved (a
+        rigid step of the aligner). Skips the layouts and the hand-over that a new frame needs."""
+        w = previous.warm
+        X, Y = w.x, w.y.moved(y.float())
+        backend = resolve_backend(self.backend, y.device)
+        return self._finest(X, Y, w.f, w.g, eps_schedule(max(w.eps, self.eps), self.eps, self.scaling),
+                            backend, Iterations(), [])
+
+    def _finest(self, X: Layout, Y: Layout, f, g, schedule, backend, log: Iterations,
+                levels_info: list) -> MultiscaleResult:
+        """Iterate on the finest level to tol; the result carries the next start."""
         info = {"points": (X.n, Y.n), "eps": (schedule[0], schedule[-1])}
         before = log.iterations
         problem, f, g, log = iterate(
-            Problem(X, Y, backend), f, g, schedule, rho=rho, tol=self.tol, max_iter=self.max_iter,
+            Problem(X, Y, backend), f, g, schedule, rho=self.rho, tol=self.tol, max_iter=self.max_iter,
             check_every=self.check_every, log=log, omega=self.omega,
             refresh=lambda f_, g_, e: self._problem(X, Y, f_, g_, e, backend, info))
         info["iterations"] = log.iterations - before
         levels_info.append(info)
-        result = MultiscaleResult(problem, f, g, eps, rho, log.iterations, log.marginal_error,
+        result = MultiscaleResult(problem, f, g, self.eps, self.rho, log.iterations, log.marginal_error,
                                   log.errors, levels=levels_info, tau=self.tau)
-        result.warm = WarmStart(eps, X, f, Y, g)
+        result.warm = WarmStart(self.eps, X, f, Y, g)
         return result
 
     def _hand_over(self, coarse, fine_x: Level, fine_y: Level, f_c, g_c, eps, backend,
