@@ -38,15 +38,11 @@ def main() -> None:
     ap.add_argument("--miscalib-deg", type=float, default=3.0)
     ap.add_argument("--miscalib-m", type=float, default=0.15)
     ap.add_argument("--speed", type=float, default=0.4, help="metres per frame")
-    ap.add_argument("-p", action="append", default=[], metavar="NAME=VALUE", help="a parameter (YAML value)")
+    ap.add_argument("-p", action="append", default=[], metavar="NAME:=VALUE", help="a parameter (YAML value)")
     ap.add_argument("--profile", type=int, default=0, metavar="K",
                     help="profile the last K frames (torch.profiler) and print where the time goes")
     args = ap.parse_args()
-    overrides = {}
-    if args.p:
-        import yaml
-
-        overrides = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.p)}
+    overrides = P.overrides(args.p)
     params = P.validate(overrides)
     dev = torch.device(args.device)
     rng = np.random.default_rng(0)

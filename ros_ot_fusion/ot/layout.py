@@ -100,9 +100,11 @@ class Layout:
         return torch.cat([values, values[-1:].expand(self.n_pad - self.n, *values.shape[1:])])
 
     def boxes(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-block bounding boxes (lo, hi), each (n_blocks, 3)."""
-        b = self.pts.reshape(3, -1, self.block)
-        return b.amin(2).t(), b.amax(2).t()
+        """Per-block bounding boxes (lo, hi), each (n_blocks, 3) (computed once: pts never change)."""
+        if not hasattr(self, "_boxes"):
+            b = self.pts.reshape(3, -1, self.block)
+            self._boxes = b.amin(2).t(), b.amax(2).t()
+        return self._boxes
 
     @property
     def extent2(self) -> float:

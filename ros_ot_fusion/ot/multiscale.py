@@ -98,7 +98,8 @@ def block_pairs(x: Layout, y: Layout, f: torch.Tensor, g: torch.Tensor, eps: flo
     nbx, nby = keep.shape           # never leave a block without partners: keep its nearest
     keep[torch.arange(nbx, device=keep.device), d2.argmin(1)] = True
     keep[d2.argmin(0), torch.arange(nby, device=keep.device)] = True
-    return _csr(keep), _csr(keep.t()), float(keep.float().mean())
+    xy = _csr(keep)
+    return xy, _csr(keep.t()), len(xy[1]) / keep.numel()     # (the count is on the host already)
 
 
 def _csr(keep: torch.Tensor):
