@@ -15,12 +15,12 @@ the camera does not see carry none), normal coherence and planarity (edges and c
 less) and a Geman-McClure factor on the residual (outliers count little).
 
 Across frames the state keeps T, the final eps and the finest potentials; a warm frame runs only
-`rigid_steps` solves at the final eps, started from the kept potentials. Within a frame each
-solve goes on from the last one's potentials (same points, moved by the step: `refine`). A cold frame (the first,
-or after a reset) goes on at the final eps until its step is under `converged_m` (at most
-`cold_extra_steps` more): from a 5 deg / 0.3 m prior the schedule alone can stop 1 deg / 40 cm
-short along a street's weakly constrained directions, and the fused information of later frames
-then holds the estimate there (seen on a 128-beam drive).
+`rigid_steps` solves at the final eps, started from the kept potentials; within a frame each
+solve goes on from the last one's potentials (the same points, moved by the step: `refine`). A
+cold frame (the first, or after a reset) goes on at the final eps until its step is under
+`converged_m` (at most `cold_extra_steps` more): from a 5 deg / 0.3 m prior the schedule alone
+can stop 1 deg / 40 cm short along a street's weakly constrained directions, and the fused
+information of later frames then holds the estimate there (seen on a 128-beam drive).
 """
 from __future__ import annotations
 

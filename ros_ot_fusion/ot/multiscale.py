@@ -19,7 +19,8 @@ re-selected at every eps step and every convergence check, as the potentials mov
 
 Warm start. After a solve, `WarmStart` keeps eps and the finest level with its potentials; the
 next frame skips the pyramid, starts at the final eps, and initialises its potentials by soft
-c-transforms against the kept ones (the same hand-over as between levels).
+c-transforms against the kept ones (the same hand-over as between levels). `refine` solves again
+after the columns moved rigidly: same points, same order, so the potentials carry over as they are.
 """
 from __future__ import annotations
 
