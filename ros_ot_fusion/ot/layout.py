@@ -67,10 +67,7 @@ class Layout:
     def moved(self, points: torch.Tensor) -> "Layout":
         """The same points (n, 3), in the same order, at new coordinates (a rigid motion keeps
         each block a tight cluster, so the order need not change)."""
-        stored = points if self.order is None else points[self.order]
-        pad = self.n_pad - self.n
-        pts = torch.cat([stored, stored[-1:].expand(pad, 3)]).t().contiguous()
-        return Layout(pts, self.logw, self.order, self.n, self.block)
+        return Layout(self.pad(points.float()).t().contiguous(), self.logw, self.order, self.n, self.block)
 
     @property
     def n_pad(self) -> int:
