@@ -53,6 +53,10 @@ PARAMS: tuple[Param, ...] = (
     Param("normal_radius_m", 0.4, "neighbourhood for the camera surface normals (m)", 0.05, 10.0),
     Param("max_points", 8000, "point budget per cloud for alignment (subsampled above it)", 100, 2000000),
     Param("crop_margin_m", 1.0, "LiDAR kept this far beyond the camera's view when cropping (m)", 0.0, 50.0),
+    Param("camera_range_margin_m", 2.0, "LiDAR points used for alignment only this much nearer than "
+          "camera_max_range_m: near the camera's range cut its noisy surfaces are one-sided, since points "
+          "pushed past the cut by depth noise are gone, and pull the targets toward the camera (m)",
+          0.0, 100.0),
     # solver
     Param("pyramid_voxel_sizes", [2.0, 0.5], "coarse solver levels, voxel sizes coarse->fine (m)", 0.01, 100.0),
     Param("eps_schedule", [0.25, 0.0025],

@@ -62,8 +62,10 @@ def test_fused_lidar_colours_come_from_the_surfaces_they_lie_on(drive):
     close = np.abs(got - true).max(1) <= 40
     # the blur mixes colours across stripes and edges; most points must still get their own surface's
     assert close.mean() > 0.6, close.mean()
-    # and far better than chance: the same colours shuffled over the points
-    assert close.mean() > 2 * (np.abs(got[np.random.default_rng(0).permutation(len(got))] - true).max(1) <= 40).mean()
+    # and far better than chance: the same colours shuffled over the points miss at least three
+    # times as often (a miss rate, since a scene of mostly grey road makes chance hits common)
+    chance = (np.abs(got[np.random.default_rng(0).permutation(len(got))] - true).max(1) <= 40).mean()
+    assert 1 - close.mean() < (1 - chance) / 3, (close.mean(), chance)
 
 
 def test_simulate_then_process_bag_round_trip(tmp_path):
