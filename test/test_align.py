@@ -11,7 +11,7 @@ import torch
 
 from ros_ot_fusion import params as P
 from ros_ot_fusion import transforms as tf
-from ros_ot_fusion.fusion.align import Aligner, AlignConfig, point_to_plane_step
+from ros_ot_fusion.fusion.align import Aligner, AlignConfig, point_to_plane_step, view_bounds
 from ros_ot_fusion.fusion.fuse import fuse
 from ros_ot_fusion.sim import CameraConfig, Drive, DriveConfig, LidarConfig
 
@@ -66,6 +66,23 @@ def test_fused_lidar_colours_come_from_the_surfaces_they_lie_on(drive):
     # times as often (a miss rate, since a scene of mostly grey road makes chance hits common)
     chance = (np.abs(got[np.random.default_rng(0).permutation(len(got))] - true).max(1) <= 40).mean()
     assert 1 - close.mean() < (1 - chance) / 3, (close.mean(), chance)
+
+
+def test_camera_voxels_weigh_by_their_points():
+    # three points in one 1 m voxel, one in another: column masses 3/4 and 1/4
+    cam = torch.tensor([[0.1, 0.1, 5.1], [0.2, 0.2, 5.2], [0.3, 0.3, 5.3], [0.5, 0.5, 8.5]])
+    aligner = Aligner(AlignConfig(camera_voxel_m=1.0), "cpu", min_points=1)
+    c, _, _, _, b, _ = aligner.preprocess_camera(cam)
+    assert torch.allclose(b[c[:, 2].argsort()], torch.tensor([0.75, 0.25]))
+
+
+def test_lidar_stops_short_of_the_camera_range_cut():
+    z = torch.linspace(5.0, 19.9, 200)
+    bounds = view_bounds(torch.stack([0.01 * z, 0.01 * z, z], 1))     # a camera that sees out to ~20 m
+    lidar = torch.tensor([[0.0, 0.0, r] for r in (10.0, 17.5, 18.5, 19.5)])
+    aligner = Aligner(AlignConfig(camera_max_range_m=20.0), "cpu")
+    assert aligner.crop_lidar(lidar, np.eye(4), bounds).tolist() == [True] * 4
+    assert aligner.crop_lidar(lidar, np.eye(4), bounds, range_margin=2.0).tolist() == [True, True, False, False]
 
 
 def test_simulate_then_process_bag_round_trip(tmp_path):

@@ -14,11 +14,13 @@ surface, and its normal measures the distance that matters. Weights: transported
 the camera does not see carry none), normal coherence and planarity (edges and clutter count
 less) and a Geman-McClure factor on the residual (outliers count little).
 
-Depth noise grows with range (sigma ~ z^2 on stereo cameras) and biased the fixed point along the
-street by 2-5 cm on a 128-beam drive (0.3 cm with a noise-free camera), for two reasons, each
-measured: uniform voxel weights gave the sparse fringe of a noisy surface as much mass as its
-core, so camera voxels weigh by their point counts; and near the camera's range cut a surface is
-one-sided (points pushed past the cut are gone), so the LiDAR stops `camera_range_margin_m` short.
+Depth noise grows with range (sigma ~ z^2 on stereo cameras). It biased the fixed point along the
+street by 2-5 cm on a 128-beam drive (0.3 cm with a noise-free camera), mostly through the voxel
+weights: one unit of mass per voxel gave the sparse fringe of a noisy surface as much mass as its
+core, so camera voxels weigh by their point counts. A smaller part came from the camera's range cut:
+near it a surface is one-sided (points pushed past the cut are gone), so the LiDAR stops
+`camera_range_margin_m` short of it (on the four test drives this helps one and hurts another; see
+bench/RESULTS.md).
 
 Across frames the state keeps T, the final eps and the finest potentials; a warm frame runs only
 `rigid_steps` solves at the final eps, started from the kept potentials; within a frame each
