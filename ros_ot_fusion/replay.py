@@ -26,6 +26,7 @@ import numpy as np
 CLOCK_PERIOD_S = 0.01               # /clock at 100 Hz
 PROGRESS_PERIOD_S = 1.0
 MATCH_GRACE_S = 0.3                 # after discovery matched, let the readers finish matching
+ACK_TIMEOUT_S = 10.0                # at the end: how long reliable readers may take to acknowledge the last messages
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -109,6 +110,7 @@ def replay(bag: str | Path, rate: float = 1.0, loop: bool = False, clock: bool =
             player.play_once()
             if not loop or player.sent == 0:
                 break
+        player.flush()
         _say(f"replay: done, {player.sent} messages in {player.loops} pass(es)")
     except KeyboardInterrupt:
         if player is not None:
@@ -155,6 +157,16 @@ class Player:
         msg.clock.sec, msg.clock.nanosec = divmod(int(ns), 1_000_000_000)
         self.clock_pub.publish(msg)
         self._last_clock = time.monotonic()
+
+    def flush(self, timeout_s: float = ACK_TIMEOUT_S) -> None:
+        """Wait until reliable subscribers have acknowledged everything sent: a publisher destroyed
+        right after its last publish drops what is still in flight (the last 1-2 of 40 multi-MB
+        clouds were lost that way)."""
+        from rclpy.duration import Duration
+
+        for topic, pub in self.publishers.items():
+            if not pub.wait_for_all_acked(Duration(seconds=timeout_s)):
+                _say(f"replay: {topic}: not every message acknowledged within {timeout_s:g} s")
 
     def wait_for_subscribers(self, start_delay: float) -> None:
         """Until every topic has a subscriber (plus a short grace), at most `start_delay` s."""
