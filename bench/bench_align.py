@@ -102,7 +102,7 @@ class Methods:
         reg = o3d.pipelines.registration
         cfg = self.aligner.config
         cam = torch.as_tensor(np.asarray(camera_xyz), dtype=torch.float32)
-        cam = cam[in_range(cam, cfg.min_range_m, min(cfg.max_range_m, cfg.camera_max_range_m))]
+        cam = cam[in_range(cam, cfg.min_range_m, cfg.camera_range_m)]
         lidar = torch.as_tensor(np.asarray(lidar_xyz), dtype=torch.float32)
         lidar = lidar[self.aligner.crop_lidar(lidar, prior, view_bounds(cam))]
         if len(cam) < 50 or len(lidar) < 50:

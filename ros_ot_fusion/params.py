@@ -55,7 +55,7 @@ PARAMS: tuple[Param, ...] = (
     Param("crop_margin_m", 1.0, "LiDAR kept this far beyond the camera's view when cropping (m)", 0.0, 50.0),
     Param("camera_range_margin_m", 2.0, "LiDAR points used for alignment only this much nearer than "
           "camera_max_range_m: near the camera's range cut its noisy surfaces are one-sided, since points "
-          "pushed past the cut by depth noise are gone, and pull the targets toward the camera (m)",
+          "pushed past the cut by depth noise are gone, and pull the targets toward the camera; 0: no range cut (m)",
           0.0, 100.0),
     # solver
     Param("pyramid_voxel_sizes", [2.0, 0.5], "coarse solver levels, voxel sizes coarse->fine (m)", 0.01, 100.0),

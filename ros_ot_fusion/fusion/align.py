@@ -68,6 +68,11 @@ class AlignConfig:
     cold_extra_steps: int = 12      # a cold frame's further steps at the final eps, until converged
     converged_m: float = 0.002      # ... converged: a step under this (rotation in metres at the cloud's radius)
 
+    @property
+    def camera_range_m(self) -> float:
+        """The camera's range cut: camera points beyond it are not used."""
+        return min(self.max_range_m, self.camera_max_range_m)
+
     @classmethod
     def from_params(cls, p: dict) -> "AlignConfig":
         names = set(cls.__dataclass_fields__)
@@ -331,7 +336,7 @@ class Aligner:
         cfg = self.config
         c = torch.as_tensor(camera_xyz, dtype=torch.float32).to(self.device)
         # a depth camera sees only what is in front of it (z > 0): anything else is corrupt
-        keep = in_range(c, cfg.min_range_m, min(cfg.max_range_m, cfg.camera_max_range_m)) & (c[:, 2] > 1e-3)
+        keep = in_range(c, cfg.min_range_m, cfg.camera_range_m) & (c[:, 2] > 1e-3)
         rgb = None if camera_rgb is None else torch.as_tensor(camera_rgb).to(self.device)[keep]
         c = c[keep]
         if len(c) < self.min_points:
@@ -347,12 +352,12 @@ class Aligner:
 
     def crop_lidar(self, lidar: torch.Tensor, T: np.ndarray, bounds, range_margin: float = 0.0) -> torch.Tensor:
         """Boolean mask of the LiDAR points (LiDAR frame) that the camera can see under T; with
-        range_margin > 0 only those at least that much nearer than the camera's range cut."""
+        range_margin > 0 only those at least that much nearer than the camera's range cut (0: no range cut)."""
         cfg = self.config
         keep = in_range(lidar, cfg.min_range_m, cfg.max_range_m)
         seen = transform(np.linalg.inv(T), lidar)
         if range_margin > 0:
-            cut = min(cfg.max_range_m, cfg.camera_max_range_m) - range_margin
+            cut = cfg.camera_range_m - range_margin
             keep &= (seen * seen).sum(1) <= cut * cut
         return keep & in_view(seen, bounds, cfg.crop_margin_m)
 
