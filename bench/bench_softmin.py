@@ -1,6 +1,7 @@
 """The softmin kernel on the GPU: correctness against float64, then time per Sinkhorn iteration.
 
     python bench/bench_softmin.py [--sizes 4096 16384 65536] [--sweep] [--torch-max 65536]
+                                  [--split-sweep 4096 8192] [--solve-sizes 4096 8192]
 
 One Sinkhorn iteration = two soft-mins (column then row update), dense, d = 3, fp32.
 Side by side in one run: our Triton kernel, a plain torch log-domain iteration (materialised
@@ -17,6 +18,7 @@ import triton.language as tl
 
 from ros_ot_fusion.kernels.softmin import softmin_torch, softmin_triton
 from ros_ot_fusion.ot.layout import morton_order
+from ros_ot_fusion.ot.sinkhorn import sinkhorn
 
 NOMINAL_EXP_PER_S = 132 * 16 * 1.98e9
 
@@ -91,6 +93,10 @@ def main():
     parser.add_argument("--torch-max", type=int, default=65536)
     parser.add_argument("--eps", type=float, default=0.01)
     parser.add_argument("--sweep", action="store_true", help="time tile configurations at 65536")
+    parser.add_argument("--split-sweep", type=int, nargs="*", default=[],
+                        help="time splits and warps of one soft-min at these (small) sizes")
+    parser.add_argument("--solve-sizes", type=int, nargs="*", default=[4096, 8192],
+                        help="time whole 100-iteration dense solves at these sizes")
     args = parser.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
@@ -127,6 +133,17 @@ def main():
         config = best[1]
         print(f"  best: {config}")
 
+    for n in args.split_sweep:
+        x, y = scene(n, n)
+        h = torch.randn(n, device="cuda")
+        print(f"\n## split sweep, one soft-min at {n}^2 (us), 3-FMA form")
+        for bm, warps in ((128, 2), (128, 4), (64, 2)):
+            row = []
+            for split in (4, 8, 16, 32, 64):
+                cfg = (bm, 32, warps, split, False)
+                row.append(f"split {split}: {1e3 * time_iteration(lambda: softmin_triton(x, y, h, args.eps, config=cfg)):6.1f}")
+            print(f"  BM={bm} warps={warps}  " + "  ".join(row))
+
     print(f"\n## one dense Sinkhorn iteration (row + column soft-min), d=3, fp32, median ms, config {config}")
     print("| n = m | ours 3-FMA | ours exact | torch dense | torch/ours | exp floor (measured) | ours/floor |")
     print("|------:|-----------:|-----------:|------------:|-----------:|---------------------:|-----------:|")
@@ -155,6 +172,21 @@ def main():
             torch.cuda.empty_cache()
         floor = 1e3 * 2 * n * n / rate
         print(f"| {n} | {t_ours:.3f} | {t_exact:.3f} | {t_torch:.3f} | {t_torch / t_ours:.1f} | {floor:.3f} | {t_ours / floor:.2f} |")
+
+    print("\n## whole dense solves of 100 iterations at eps (unbalanced rho = 0.1, over-relaxed), median ms;"
+          " checks: marginal-error checks (one host sync each)")
+    print("| n = m | checks | launched | CUDA graphs | launched / graphs |")
+    print("|------:|-------:|---------:|------------:|------------------:|")
+    for n in args.solve_sizes:
+        x, y = (p.t().contiguous() for p in scene(n, n, seed=7))
+        zero = (torch.zeros(n, device="cuda"), torch.zeros(n, device="cuda"))
+        for every in (10, 50):
+            def solve(graphs):
+                r = sinkhorn(x, y, eps=args.eps, rho=0.1, tol=1e-30, max_iter=100, init=zero,
+                             check_every=every, cuda_graphs=graphs, block=128)
+                assert r.iterations == 100
+            t = [time_iteration(lambda: solve(on), 3, 50) for on in (False, True)]
+            print(f"| {n} | {100 // every} | {t[0]:.3f} | {t[1]:.3f} | {t[0] / t[1]:.1f} |")
 
 
 if __name__ == "__main__":

@@ -90,10 +90,12 @@ def _tile_count(ROW_PTR, pid, m_pad, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
 
 
 @triton.jit
-def _softmin_kernel(X, YC, YY, D, H, M, L, ROW_PTR, COLS, n_pad, m_pad, scale, l2e,
+def _softmin_kernel(X, YC, YY, D, H, G, M, L, ROW_PTR, COLS, n_pad, m_pad, scale, l2e, inv_eps,
                     SPARSE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
-                    BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, FTZ: tl.constexpr, EXACT: tl.constexpr):
-    """Partial log2-sum-exp2 of one row tile over its share of the column blocks: M (max), L (sum)."""
+                    BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, FTZ: tl.constexpr, EXACT: tl.constexpr,
+                    HAS_G: tl.constexpr):
+    """Partial log2-sum-exp2 of one row tile over its share of the column blocks: M (max), L (sum).
+    Column log-weights are H, or H + G / eps with HAS_G (log weights and a potential)."""
     pid = tl.program_id(0)
     part = tl.program_id(1)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)[:, None]
@@ -125,7 +127,10 @@ def _softmin_kernel(X, YC, YY, D, H, M, L, ROW_PTR, COLS, n_pad, m_pad, scale, l
             y0 = tl.load(YC + cols)
             y1 = tl.load(YC + m_pad + cols)
             y2 = tl.load(YC + 2 * m_pad + cols)
-            hq = tl.load(H + cols) * l2e
+            if HAS_G:
+                hq = (tl.load(H + cols) + tl.load(G + cols) * inv_eps) * l2e
+            else:
+                hq = tl.load(H + cols) * l2e
             if EXACT:   # u = h - C/eps from exact differences (6 ops a pair)
                 d0 = e0 - y0
                 d1 = e1 - y1
@@ -143,14 +148,20 @@ def _softmin_kernel(X, YC, YY, D, H, M, L, ROW_PTR, COLS, n_pad, m_pad, scale, l
 
 
 @triton.jit
-def _combine_kernel(M, L, OUT, n_pad, inv_scale, SPLIT: tl.constexpr, BLOCK: tl.constexpr):
-    """-eps * ln of the summed partials: OUT = -(max + log2 sum L 2^(M - max)) / scale."""
+def _combine_kernel(M, L, OUT, PREV, RELAXED, n_pad, inv_scale, lam, omega, SPLIT: tl.constexpr,
+                    BLOCK: tl.constexpr, RELAX: tl.constexpr):
+    """-eps * ln of the summed partials: OUT = -(max + log2 sum L 2^(M - max)) / scale; with RELAX
+    also the relaxed Sinkhorn update RELAXED = PREV + omega (lam OUT - PREV)."""
     rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     parts = tl.arange(0, SPLIT)[:, None] * n_pad + rows[None, :]
     m = tl.load(M + parts)
     peak = tl.max(m, axis=0)
     total = tl.sum(tl.load(L + parts) * tl.exp2(m - peak[None, :]), axis=0)
-    tl.store(OUT + rows, -(peak + tl.log2(total)) * inv_scale)
+    out = -(peak + tl.log2(total)) * inv_scale
+    tl.store(OUT + rows, out)
+    if RELAX:
+        prev = tl.load(PREV + rows)
+        tl.store(RELAXED + rows, prev + omega * (lam * out - prev))
 
 
 @triton.jit
@@ -206,25 +217,27 @@ def needs_exact(extent2: float, eps: float) -> bool:
     return extent2 / eps > 1e3
 
 
-_COLUMNS: dict = {}    # (id(y), block) -> (weak reference to y, y._version, column_blocks(y))
+_COLUMNS: dict = {}    # (id(y), block) -> (weak reference to y, y._version, captured, column_blocks(y))
 
 
 def column_blocks(y: torch.Tensor, block: int):
     """(y - d (3, m), |y - d|^2 (m,), d (3, blocks)): each block of points centred on its first.
 
     Cached per point tensor: a solve's points stay the same over its iterations (a tensor
-    changed in place, or freed and replaced, misses)."""
+    changed in place, or freed and replaced, misses). While a CUDA graph is captured only what
+    was computed in the capture is reused: its replays read static buffers refilled in between."""
+    captured = y.is_cuda and torch.cuda.is_current_stream_capturing()
     key = (id(y), block)
     hit = _COLUMNS.get(key)
-    if hit is not None and hit[0]() is y and hit[1] == y._version:
-        return hit[2]
+    if hit is not None and hit[0]() is y and hit[1] == y._version and hit[2] == captured:
+        return hit[3]
     yb = y.reshape(3, -1, block)
     d = yb[:, :, :1]
     yc = (yb - d).reshape(3, -1).contiguous()
     out = (yc, (yc * yc).sum(0), d[:, :, 0].contiguous())
     for k in [k for k, v in _COLUMNS.items() if v[0]() is None]:
         del _COLUMNS[k]
-    _COLUMNS[key] = (weakref.ref(y), y._version, out)
+    _COLUMNS[key] = (weakref.ref(y), y._version, captured, out)
     return out
 
 
@@ -234,22 +247,28 @@ def _check(x, y, h, block):
     assert h.shape == (y.shape[1],)
 
 
-def softmin_triton(x, y, h, eps: float, pairs=None, block: int = 128, exact: bool = True, config=None):
+def softmin_triton(x, y, h, eps: float, pairs=None, block: int = 128, exact: bool = True, config=None,
+                   pot=None, relax=None):
     """exact: cost from differences (else the 3-FMA expanded form, see needs_exact).
-    config: (BLOCK_M, BLOCK_N, num_warps, SPLIT, exact) overrides the pinned choice (benchmarks)."""
+    config: (BLOCK_M, BLOCK_N, num_warps, SPLIT, exact) overrides the pinned choice (benchmarks).
+    pot: column potentials, the column log-weights then being h + pot / eps (one kernel fewer).
+    relax=(prev, lam, omega): return (out, prev + omega (lam out - prev)), the relaxed update."""
     _check(x, y, h, block)
     n_pad, m_pad = x.shape[1], y.shape[1]
     bm, bn, warps, split, exact = config or (*_config(n_pad, block), exact)
     partial = torch.empty(2, split, n_pad, device=x.device, dtype=torch.float32)
     row_ptr, cols = pairs if pairs is not None else (partial, partial)   # unused when dense
-    _softmin_kernel[(n_pad // bm, split)](x, *column_blocks(y, block), h, partial[0], partial[1], row_ptr,
-                                          cols, n_pad, m_pad, LOG2E / eps, LOG2E, SPARSE=pairs is not None,
-                                          BLOCK=block, BLOCK_M=bm, BLOCK_N=bn, SPLIT=split,
-                                          FTZ=x.device.type == "cuda", EXACT=exact, num_warps=warps)
+    _softmin_kernel[(n_pad // bm, split)](x, *column_blocks(y, block), h, h if pot is None else pot,
+                                          partial[0], partial[1], row_ptr, cols, n_pad, m_pad, LOG2E / eps,
+                                          LOG2E, 1.0 / eps, SPARSE=pairs is not None, BLOCK=block,
+                                          BLOCK_M=bm, BLOCK_N=bn, SPLIT=split, FTZ=x.device.type == "cuda",
+                                          EXACT=exact, HAS_G=pot is not None, num_warps=warps)
     out = torch.empty(n_pad, device=x.device, dtype=torch.float32)
-    _combine_kernel[(n_pad // block,)](partial[0], partial[1], out, n_pad, eps / LOG2E,
-                                       SPLIT=split, BLOCK=block)
-    return out
+    prev, lam, omega = relax if relax is not None else (out, 1.0, 1.0)
+    relaxed = torch.empty_like(out) if relax is not None else out
+    _combine_kernel[(n_pad // block,)](partial[0], partial[1], out, prev, relaxed, n_pad, eps / LOG2E,
+                                       lam, omega, SPLIT=split, BLOCK=block, RELAX=relax is not None)
+    return out if relax is None else (out, relaxed)
 
 
 def barycenter_triton(x, y, h, eps: float, v, pairs=None, block: int = 128):

@@ -47,6 +47,25 @@ def random_pairs(nb, mb, seed):
     return row_ptr.to(DEVICE), cols.int().to(DEVICE)
 
 
+@pytest.mark.parametrize("sparse", [False, True])
+def test_fused_column_weights_and_relaxation_match_the_plain_update(sparse):
+    """softmin_triton(pot=g, relax=(prev, lam, omega)) is the update a solver would otherwise
+    write as three steps: h = logw + g / eps, soft = softmin(h), prev + omega (lam soft - prev)."""
+    block, eps, lam, omega = 64, 1e-2, 0.9, 1.6
+    x, _ = laid_out(192, 5, block)
+    y, _ = laid_out(256, 6, block)
+    gen = torch.Generator().manual_seed(7)
+    logw = torch.log(torch.rand(256, generator=gen) + 0.1).to(DEVICE)
+    logw[-7:] = -torch.inf
+    g, prev = (0.01 * torch.randn(k, generator=gen).to(DEVICE) for k in (256, 192))
+    pairs = random_pairs(3, 4, 8) if sparse else None
+    want, _ = reference(x, y, logw + g / eps, eps, pairs, block)
+    soft, relaxed = softmin_triton(x, y, logw, eps, pairs, block, pot=g, relax=(prev, lam, omega))
+    assert float((soft.double().cpu() - want).abs().max()) / eps < 1e-4
+    want_relaxed = prev.double().cpu() + omega * (lam * want - prev.double().cpu())
+    assert float((relaxed.double().cpu() - want_relaxed).abs().max()) / eps < 2e-4
+
+
 @pytest.mark.parametrize("eps", [1.0, 1e-2, 1e-3])
 @pytest.mark.parametrize("sparse", [False, True])
 def test_softmin_matches_float64(eps, sparse):

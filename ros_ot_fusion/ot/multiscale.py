@@ -169,14 +169,18 @@ class MultiscaleSinkhorn:
     eps: target blur (m^2); rho: KL marginal penalty (None: balanced); tol: marginal error (L1)
     at which the finest level stops; sizes: voxel sizes coarse -> fine (None: from the data);
     ratio: size ratio between levels; tau: truncation in units of the log-sum (exp(-tau));
-    block: points per block; dense_blocks: levels with at most this many block pairs run dense;
-    omega: over-relaxation at the final eps (None: the solver's default).
+    block: points per block; dense_blocks: levels with at most this many block pairs run dense
+    (None: 4096 on the GPU, where a dense 8k x 8k soft-min costs ~16 us of exponentials and
+    choosing pairs costs ~1 ms of launches and host syncs; 256 on the CPU, where every entry costs);
+    omega: over-relaxation at the final eps (None: the solver's default); cuda_graphs: replay
+    dense GPU iterations as CUDA graphs (graphed.py).
     """
 
     def __init__(self, eps: float, rho: float | None = None, tol: float = 1e-3, *,
                  sizes: list[float] | None = None, ratio: float = 4.0, scaling: float = 0.5,
                  tau: float = 16.0, block: int | None = None, max_iter: int = 500, check_every: int = 5,
-                 dense_blocks: int = 256, omega: float | None = None, backend: str = "auto"):
+                 dense_blocks: int | None = None, omega: float | None = None, backend: str = "auto",
+                 cuda_graphs: bool = True):
         # block=None: 128 on the GPU (kernel efficiency), 32 on the CPU (less work wasted in
         # partly relevant block pairs; the torch backend does every entry of a kept pair)
         if eps <= 0 or (rho is not None and rho <= 0) or tol <= 0:
@@ -184,7 +188,7 @@ class MultiscaleSinkhorn:
         self.eps, self.rho, self.tol, self.sizes, self.ratio = eps, rho, tol, sizes, ratio
         self.scaling, self.tau, self.block, self.max_iter = scaling, tau, block, max_iter
         self.check_every, self.dense_blocks, self.backend = check_every, dense_blocks, backend
-        self.omega = omega
+        self.omega, self.cuda_graphs = omega, cuda_graphs
 
     def level_sizes(self, diameter: float) -> list[float]:
         """Voxel sizes coarse -> fine: from diameter/8 while above 2 sqrt(eps)."""
@@ -197,7 +201,8 @@ class MultiscaleSinkhorn:
         return sizes
 
     def _problem(self, x: Layout, y: Layout, f, g, eps, backend, stats=None) -> Problem:
-        if (x.n_pad // x.block) * (y.n_pad // y.block) <= self.dense_blocks:
+        dense = self.dense_blocks if self.dense_blocks is not None else (4096 if x.pts.is_cuda else 256)
+        if (x.n_pad // x.block) * (y.n_pad // y.block) <= dense:
             return Problem(x, y, backend)
         pxy, pyx, frac = block_pairs(x, y, f, g, eps, damping(eps, self.rho), self.tau)
         if stats is not None:
@@ -263,7 +268,7 @@ class MultiscaleSinkhorn:
         before = log.iterations
         problem, f, g, log = iterate(
             Problem(X, Y, backend), f, g, schedule, rho=self.rho, tol=self.tol, max_iter=self.max_iter,
-            check_every=self.check_every, log=log, omega=self.omega,
+            check_every=self.check_every, log=log, omega=self.omega, cuda_graphs=self.cuda_graphs,
             refresh=lambda f_, g_, e: self._problem(X, Y, f_, g_, e, backend, info))
         info["iterations"] = log.iterations - before
         levels_info.append(info)

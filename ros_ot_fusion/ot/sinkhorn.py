@@ -27,7 +27,7 @@ from functools import cached_property
 
 import torch
 
-from ros_ot_fusion.kernels.softmin import barycenter, needs_exact, pair_costs, softmin
+from ros_ot_fusion.kernels.softmin import barycenter, needs_exact, pair_costs, softmin, softmin_triton
 from ros_ot_fusion.ot.layout import Layout
 
 
@@ -87,6 +87,23 @@ class Problem:
                        self.y.block, self.backend, needs_exact(self.x.extent2, eps),
                        self._costs("_costs_yx", self.y, self.x, self.pairs_yx))
 
+    def relaxed_x(self, g: torch.Tensor, f: torch.Tensor, eps: float, lam: float, omega: float):
+        """(softmin_x(g), f + omega (lam softmin_x(g) - f)): a relaxed row update (Triton: the
+        column weights and the relaxation are done inside the soft-min's two kernels)."""
+        if self.backend != "triton":
+            soft = self.softmin_x(g, eps)
+            return soft, relax(f, lam * soft, omega)
+        return softmin_triton(self.x.pts, self.y.pts, self.y.logw, eps, self.pairs_xy, self.x.block,
+                              needs_exact(self.y.extent2, eps), pot=g, relax=(f, lam, omega))
+
+    def relaxed_y(self, f: torch.Tensor, g: torch.Tensor, eps: float, lam: float, omega: float):
+        """(softmin_y(f), g + omega (lam softmin_y(f) - g)): a relaxed column update."""
+        if self.backend != "triton":
+            soft = self.softmin_y(f, eps)
+            return soft, relax(g, lam * soft, omega)
+        return softmin_triton(self.y.pts, self.x.pts, self.x.logw, eps, self.pairs_yx, self.y.block,
+                              needs_exact(self.x.extent2, eps), pot=f, relax=(g, lam, omega))
+
 
 def marginal_error(problem: Problem, f: torch.Tensor, f_soft: torch.Tensor, eps: float,
                    rho: float | None) -> torch.Tensor:
@@ -121,16 +138,39 @@ def anneal(problem: Problem, f: torch.Tensor, g: torch.Tensor, steps: list[float
     return problem, f, g
 
 
+def relax(old: torch.Tensor, new: torch.Tensor, omega: float) -> torch.Tensor:
+    """Over-relaxed update old + omega (new - old) (omega = 1: plain)."""
+    return new if omega == 1.0 else torch.lerp(old, new, omega)
+
+
+def iterations(problem: Problem, f: torch.Tensor, g: torch.Tensor, eps: float, rho: float | None,
+               omega: float, k: int):
+    """k iterations at one eps, the last one's f update left to the caller: returns (f, g, f_soft,
+    marginal error as a 0-d tensor) with f_soft = softmin_x(g). No host sync: a CUDA graph can
+    capture it (see graphed.py)."""
+    lam = damping(eps, rho)
+    for i in range(k):
+        g = problem.relaxed_y(f, g, eps, lam, omega)[1]
+        f_soft, f_next = problem.relaxed_x(g, f, eps, lam, omega)
+        if i < k - 1:
+            f = f_next
+    return f, g, f_soft, marginal_error(problem, f, f_soft, eps, rho)
+
+
 def iterate(problem: Problem, f: torch.Tensor, g: torch.Tensor, eps_steps: list[float], *,
             rho: float | None, tol: float, max_iter: int, check_every: int = 10,
-            log: Iterations | None = None, refresh=None, omega: float | None = None):
+            log: Iterations | None = None, refresh=None, omega: float | None = None,
+            cuda_graphs: bool = True):
     """Anneal through eps_steps[:-1] (one iteration each), then iterate at eps_steps[-1] until the
     marginal error is under tol or max_iter iterations in all. Returns (problem, f, g, Iterations).
 
     refresh(f, g, eps) -> Problem, if given, is called at every eps step and every check: the
     sparse solver re-selects its block pairs there as the potentials move. omega: over-relaxation
-    at the target eps (None: default_omega).
+    at the target eps (None: default_omega). cuda_graphs: dense Triton problems on the GPU replay
+    the iterations between checks as a CUDA graph (graphed.py) instead of launching each kernel.
     """
+    from ros_ot_fusion.ot.graphed import graphed_iterations
+
     log = log or Iterations()
     omega = default_omega(rho) if omega is None else omega
     if not 0 < omega < 2:
@@ -140,37 +180,33 @@ def iterate(problem: Problem, f: torch.Tensor, g: torch.Tensor, eps_steps: list[
     log.iterations += len(steps)
     eps = eps_steps[-1]
     lam = damping(eps, rho)
-    since_check = 0
     if refresh is not None:
         problem = refresh(f, g, eps)
     good = (f, g, math.inf)            # last checked state: over-relaxation falls back to it
     while log.iterations < max_iter:
-        g_new = lam * problem.softmin_y(f, eps)
-        g = g_new if omega == 1.0 else torch.lerp(g, g_new, omega)
-        f_soft = problem.softmin_x(g, eps)
-        log.iterations += 1
-        since_check += 1
-        if since_check >= check_every or log.iterations >= max_iter:
-            since_check = 0
-            err = marginal_error(problem, f, f_soft, eps, rho).item()
-            log.marginal_error = err
-            log.errors.append((log.iterations, err))
-            if omega != 1.0 and not err <= 4 * good[2]:
-                # Over-relaxation is not globally convergent (seen with large unbalanced
-                # potentials): return to the last good state and go on with plain updates.
-                f, g, log.marginal_error = good
-                omega, log.fallbacks = 1.0, log.fallbacks + 1
-                if refresh is not None:         # pairs were chosen from the diverging state
-                    problem = refresh(f, g, eps)
-                continue
-            if math.isnan(err):
-                raise FloatingPointError(f"Sinkhorn diverged at iteration {log.iterations} (eps={eps:g})")
-            if err < tol:
-                f = lam * f_soft
-                break
-            good = (f, g, err)
-        f = lam * f_soft if omega == 1.0 else torch.lerp(f, lam * f_soft, omega)
-        if since_check == 0 and refresh is not None:
+        k = min(check_every, max_iter - log.iterations)
+        run = graphed_iterations if cuda_graphs else iterations
+        f, g, f_soft, err = run(problem, f, g, eps, rho, omega, k)
+        log.iterations += k
+        err = err.item()
+        log.marginal_error = err
+        log.errors.append((log.iterations, err))
+        if omega != 1.0 and not err <= 4 * good[2]:
+            # Over-relaxation is not globally convergent (seen with large unbalanced
+            # potentials): return to the last good state and go on with plain updates.
+            f, g, log.marginal_error = good
+            omega, log.fallbacks = 1.0, log.fallbacks + 1
+            if refresh is not None:         # pairs were chosen from the diverging state
+                problem = refresh(f, g, eps)
+            continue
+        if math.isnan(err):
+            raise FloatingPointError(f"Sinkhorn diverged at iteration {log.iterations} (eps={eps:g})")
+        if err < tol:
+            f = lam * f_soft
+            break
+        good = (f, g, err)
+        f = relax(f, lam * f_soft, omega)
+        if refresh is not None:
             problem = refresh(f, g, eps)
     return problem, f, g, log
 
@@ -256,13 +292,14 @@ def squared_diameter(x: torch.Tensor, y: torch.Tensor) -> float:
 def sinkhorn(x, y, a=None, b=None, *, eps: float, rho: float | None = None, tol: float = 1e-4,
              max_iter: int = 1000, init=None, backend: str = "auto", eps_start: float | None = None,
              scaling: float = 0.5, check_every: int = 10, block: int = 64,
-             omega: float | None = None) -> SinkhornResult:
+             omega: float | None = None, cuda_graphs: bool = True) -> SinkhornResult:
     """Dense entropic OT between x (n, d) and y (m, d), d = 2 or 3, cost |x - y|^2.
 
     a, b: positive weights (default uniform; balanced OT needs equal totals). rho: KL marginal
     penalty (None: balanced). init=(f, g) warm-starts (then eps-scaling starts at eps unless
     eps_start says otherwise). omega: over-relaxation (None: 1.8 balanced, 1.6 unbalanced; 1 is
-    plain Sinkhorn). Returns a SinkhornResult with f, g, cost, iterations, marginal_error, apply(v).
+    plain Sinkhorn). cuda_graphs: on the GPU, replay the iterations between checks as a CUDA graph.
+    Returns a SinkhornResult with f, g, cost, iterations, marginal_error, apply(v).
     """
     if eps <= 0 or (rho is not None and rho <= 0):
         raise ValueError("eps and rho must be positive")
@@ -280,5 +317,6 @@ def sinkhorn(x, y, a=None, b=None, *, eps: float, rho: float | None = None, tol:
         g = torch.zeros(problem.y.n_pad, device=x.device)
         eps_start = max(squared_diameter(x, y), eps) if eps_start is None else eps_start
     problem, f, g, log = iterate(problem, f, g, eps_schedule(eps_start, eps, scaling), rho=rho,
-                                 tol=tol, max_iter=max_iter, check_every=check_every, omega=omega)
+                                 tol=tol, max_iter=max_iter, check_every=check_every, omega=omega,
+                                 cuda_graphs=cuda_graphs)
     return SinkhornResult(problem, f, g, eps, rho, log.iterations, log.marginal_error, log.errors)

@@ -1,0 +1,97 @@
+"""Dense Sinkhorn iterations replayed as CUDA graphs.
+
+A dense GPU iteration costs a few microseconds of kernels but ~0.5 ms of Python and launches
+(two soft-mins of two kernels each, the relaxation, the weights): at the aligner's sizes (8k x 8k)
+the host, not the GPU, set the pace. `graphed_iterations` runs `sinkhorn.iterations` (the k
+iterations between two checks, no host sync in them) by replaying a graph captured once.
+
+Graphs are kept per (padded sizes, eps, rho, omega, k, cost form): each frame of the aligner has
+the same eps and, padded to `CAPACITY` points, one of a few sizes, so after the first frames every
+chunk is a replay. A graph reads its inputs from static buffers: the points, weights and potentials
+are copied in (padding: copies of the last point, weight 0) and the outputs copied out.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+
+from ros_ot_fusion.kernels.softmin import needs_exact
+from ros_ot_fusion.ot.layout import Layout
+
+CAPACITY = 1024          # static sizes are rounded up to this many points (fewer distinct graphs)
+MAX_GRAPHS = 16          # least recently used graphs beyond this are freed
+
+
+def _static_layout(n_pad: int, block: int, device) -> Layout:
+    return Layout(torch.zeros(3, n_pad, device=device), torch.full((n_pad,), -torch.inf, device=device),
+                  None, n_pad, block)
+
+
+class _Graph:
+    """k iterations captured on static buffers of fixed size."""
+
+    def __init__(self, problem, n_cap: int, m_cap: int, eps, rho, omega, k, exact: tuple[bool, bool]):
+        from ros_ot_fusion.ot.sinkhorn import Problem, iterations
+
+        dev = problem.x.device
+        self.x = _static_layout(n_cap, problem.x.block, dev)
+        self.y = _static_layout(m_cap, problem.y.block, dev)
+        # the cost form is part of the key: give the static layouts extents that choose it
+        self.x._extent2, self.y._extent2 = (2e3 * eps if e else 0.0 for e in exact)
+        self.f, self.g = torch.zeros(n_cap, device=dev), torch.zeros(m_cap, device=dev)
+        static = Problem(self.x, self.y, "triton")
+        self.load(problem, problem.x.logw.new_zeros(problem.x.n_pad), problem.y.logw.new_zeros(problem.y.n_pad))
+        run = lambda: iterations(static, self.f, self.g, eps, rho, omega, k)  # noqa: E731
+        side = torch.cuda.Stream(dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side):          # compile and load the kernels outside the capture
+            run()
+        torch.cuda.current_stream(dev).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+            self.out = run()
+
+    def load(self, problem, f, g) -> None:
+        for static, layout, pot, v in ((self.x, problem.x, self.f, f), (self.y, problem.y, self.g, g)):
+            n = layout.n_pad
+            static.pts[:, :n].copy_(layout.pts)
+            static.pts[:, n:].copy_(layout.pts[:, -1:].expand(3, static.n_pad - n))
+            static.logw[:n].copy_(layout.logw)
+            static.logw[n:].fill_(-torch.inf)        # an earlier, larger problem left weights there
+            pot[:n].copy_(v)
+
+    def __call__(self, problem, f, g):
+        self.load(problem, f, g)
+        self.graph.replay()
+        f_out, g_out, f_soft, err = self.out
+        n, m = problem.x.n_pad, problem.y.n_pad
+        return f_out[:n].clone(), g_out[:m].clone(), f_soft[:n].clone(), err.clone()
+
+
+_GRAPHS: OrderedDict = OrderedDict()
+
+
+def graphed_iterations(problem, f, g, eps: float, rho: float | None, omega: float, k: int):
+    """`sinkhorn.iterations`, replayed from a CUDA graph when the problem is dense, on the GPU,
+    and on the Triton backend; run directly otherwise."""
+    from ros_ot_fusion.ot.sinkhorn import iterations
+
+    if (problem.pairs_xy is not None or problem.backend != "triton" or not problem.x.pts.is_cuda
+            or CAPACITY % problem.x.block or CAPACITY % problem.y.block):
+        return iterations(problem, f, g, eps, rho, omega, k)
+    cap = lambda n: -(-n // CAPACITY) * CAPACITY  # noqa: E731
+    n_cap, m_cap = cap(problem.x.n_pad), cap(problem.y.n_pad)
+    exact = (needs_exact(problem.x.extent2, eps), needs_exact(problem.y.extent2, eps))
+    key = (problem.x.device, n_cap, m_cap, problem.x.block, problem.y.block, eps, rho, omega, k, exact)
+    graph = _GRAPHS.get(key)
+    if graph is None:
+        try:
+            graph = _Graph(problem, n_cap, m_cap, eps, rho, omega, k, exact)
+        except RuntimeError:        # the capture failed (out of memory, say): launch them instead,
+            return iterations(problem, f, g, eps, rho, omega, k)   # which raises what is wrong
+        _GRAPHS[key] = graph
+        while len(_GRAPHS) > MAX_GRAPHS:
+            _GRAPHS.popitem(last=False)
+    _GRAPHS.move_to_end(key)
+    return graph(problem, f, g)
