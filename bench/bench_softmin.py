@@ -16,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ros_ot_fusion.kernels import softmin as softmin_module
 from ros_ot_fusion.kernels.softmin import softmin_torch, softmin_triton
 from ros_ot_fusion.ot.layout import morton_order
 from ros_ot_fusion.ot.sinkhorn import sinkhorn
@@ -95,6 +96,8 @@ def main():
     parser.add_argument("--sweep", action="store_true", help="time tile configurations at 65536")
     parser.add_argument("--split-sweep", type=int, nargs="*", default=[],
                         help="time splits and warps of one soft-min at these (small) sizes")
+    parser.add_argument("--max-split", type=int, nargs="*", default=[8, 32],
+                        help="the solves' table once per cap on the column split (kernels.softmin.MAX_SPLIT)")
     parser.add_argument("--solve-sizes", type=int, nargs="*", default=[4096, 8192],
                         help="time whole 100-iteration dense solves at these sizes")
     args = parser.parse_args()
@@ -175,9 +178,10 @@ def main():
 
     print("\n## whole dense solves of 100 iterations at eps (unbalanced rho = 0.1, over-relaxed), median ms;"
           " checks: marginal-error checks (one host sync each)")
-    print("| n = m | checks | launched | CUDA graphs | launched / graphs |")
-    print("|------:|-------:|---------:|------------:|------------------:|")
-    for n in args.solve_sizes:
+    print("| n = m | max split | checks | launched | CUDA graphs | launched / graphs |")
+    print("|------:|----------:|-------:|---------:|------------:|------------------:|")
+    for n, cap in [(n, c) for n in args.solve_sizes for c in args.max_split]:
+        softmin_module.MAX_SPLIT = cap
         x, y = (p.t().contiguous() for p in scene(n, n, seed=7))
         zero = (torch.zeros(n, device="cuda"), torch.zeros(n, device="cuda"))
         for every in (10, 50):
@@ -186,7 +190,7 @@ def main():
                              check_every=every, cuda_graphs=graphs, block=128)
                 assert r.iterations == 100
             t = [time_iteration(lambda: solve(on), 3, 50) for on in (False, True)]
-            print(f"| {n} | {100 // every} | {t[0]:.3f} | {t[1]:.3f} | {t[0] / t[1]:.1f} |")
+            print(f"| {n} | {cap} | {100 // every} | {t[0]:.3f} | {t[1]:.3f} | {t[0] / t[1]:.1f} |")
 
 
 if __name__ == "__main__":

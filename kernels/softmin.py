@@ -197,15 +197,20 @@ def _barycenter_kernel(X, Y, H, V, LSE, MEAN_V, MEAN_C, ROW_PTR, COLS, n_pad, m_
     tl.store(MEAN_V + rows * K + ks, acc_v / l_i, mask=ks < K)
 
 
+MAX_SPLIT = 32      # most programs a row tile's column blocks are split over (small problems)
+
+
 def _config(n_pad: int, block: int) -> tuple[int, int, int, int]:
     """Pinned kernel configuration (BLOCK_M, BLOCK_N, num_warps, SPLIT); never autotuned on the hot path.
 
     Measured on an H100 (bench/bench_softmin.py --sweep, bench/RESULTS.md): 128 x 32 tiles with
     2 warps, the column blocks split 8 ways up to 131072 rows (4096 programs and more): one soft-min
     at 65536^2 takes 2.47 ms split 8 ways, 2.63 split 2 ways, 4.65 unsplit; with 4 warps, 4.25.
+    Smaller problems split further, up to MAX_SPLIT, for ~1000 programs: 4096 points split 8 ways
+    are 256 programs of 2 warps on 132 multiprocessors, each running 16 dependent column tiles.
     """
     bm = min(128, block)
-    split = max(1, min(8, 8192 * bm // n_pad))
+    split = max(1, min(MAX_SPLIT, max(min(8, 8192 * bm // n_pad), 131072 // n_pad)))
     return bm, min(32, block), 2, 1 << (split.bit_length() - 1)       # a power of two
 
 

@@ -18,6 +18,7 @@ import torch
 
 from ros_ot_fusion.kernels.softmin import needs_exact
 from ros_ot_fusion.ot.layout import Layout
+from ros_ot_fusion.ot.sinkhorn import Problem, iterations
 
 CAPACITY = 1024          # static sizes are rounded up to this many points (fewer distinct graphs)
 MAX_GRAPHS = 16          # least recently used graphs beyond this are freed
@@ -32,8 +33,6 @@ class _Graph:
     """k iterations captured on static buffers of fixed size."""
 
     def __init__(self, problem, n_cap: int, m_cap: int, eps, rho, omega, k, exact: tuple[bool, bool]):
-        from ros_ot_fusion.ot.sinkhorn import Problem, iterations
-
         dev = problem.x.device
         self.x = _static_layout(n_cap, problem.x.block, dev)
         self.y = _static_layout(m_cap, problem.y.block, dev)
@@ -75,8 +74,6 @@ _GRAPHS: OrderedDict = OrderedDict()
 def graphed_iterations(problem, f, g, eps: float, rho: float | None, omega: float, k: int):
     """`sinkhorn.iterations`, replayed from a CUDA graph when the problem is dense, on the GPU,
     and on the Triton backend; run directly otherwise."""
-    from ros_ot_fusion.ot.sinkhorn import iterations
-
     if (problem.pairs_xy is not None or problem.backend != "triton" or not problem.x.pts.is_cuda
             or CAPACITY % problem.x.block or CAPACITY % problem.y.block):
         return iterations(problem, f, g, eps, rho, omega, k)

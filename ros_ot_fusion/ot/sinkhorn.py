@@ -90,19 +90,18 @@ class Problem:
     def relaxed_x(self, g: torch.Tensor, f: torch.Tensor, eps: float, lam: float, omega: float):
         """(softmin_x(g), f + omega (lam softmin_x(g) - f)): a relaxed row update (Triton: the
         column weights and the relaxation are done inside the soft-min's two kernels)."""
-        if self.backend != "triton":
-            soft = self.softmin_x(g, eps)
-            return soft, relax(f, lam * soft, omega)
-        return softmin_triton(self.x.pts, self.y.pts, self.y.logw, eps, self.pairs_xy, self.x.block,
-                              needs_exact(self.y.extent2, eps), pot=g, relax=(f, lam, omega))
+        return self._relaxed(self.x, self.y, self.pairs_xy, self.softmin_x, g, f, eps, lam, omega)
 
     def relaxed_y(self, f: torch.Tensor, g: torch.Tensor, eps: float, lam: float, omega: float):
         """(softmin_y(f), g + omega (lam softmin_y(f) - g)): a relaxed column update."""
+        return self._relaxed(self.y, self.x, self.pairs_yx, self.softmin_y, f, g, eps, lam, omega)
+
+    def _relaxed(self, rows: Layout, cols: Layout, pairs, plain, pot, prev, eps, lam, omega):
         if self.backend != "triton":
-            soft = self.softmin_y(f, eps)
-            return soft, relax(g, lam * soft, omega)
-        return softmin_triton(self.y.pts, self.x.pts, self.x.logw, eps, self.pairs_yx, self.y.block,
-                              needs_exact(self.x.extent2, eps), pot=f, relax=(g, lam, omega))
+            soft = plain(pot, eps)
+            return soft, relax(prev, lam * soft, omega)
+        return softmin_triton(rows.pts, cols.pts, cols.logw, eps, pairs, rows.block,
+                              needs_exact(cols.extent2, eps), pot=pot, relax=(prev, lam, omega))
 
 
 def marginal_error(problem: Problem, f: torch.Tensor, f_soft: torch.Tensor, eps: float,
@@ -169,7 +168,7 @@ def iterate(problem: Problem, f: torch.Tensor, g: torch.Tensor, eps_steps: list[
     at the target eps (None: default_omega). cuda_graphs: dense Triton problems on the GPU replay
     the iterations between checks as a CUDA graph (graphed.py) instead of launching each kernel.
     """
-    from ros_ot_fusion.ot.graphed import graphed_iterations
+    from ros_ot_fusion.ot.graphed import graphed_iterations   # (it imports this module)
 
     log = log or Iterations()
     omega = default_omega(rho) if omega is None else omega
