@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from ros_ot_fusion.ot import sinkhorn
+from ros_ot_fusion.ot import multiscale, sinkhorn
 from ros_ot_fusion.ot.multiscale import MultiscaleSinkhorn, block_pairs, cluster, pyramid, voxel_keys
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -109,11 +109,15 @@ def test_triton_backend_runs_the_sparse_solver():
     torch.testing.assert_close(triton_res.g, torch_res.g, atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.skipif(
-    DEVICE == "cpu", reason="45 s in Triton's interpreter; the barycenter kernel has its own CPU tests"))])
-def test_transfer_onto_the_solved_rows_reproduces_the_plan(backend):
+@pytest.mark.parametrize("backend,dense_pairs", [("torch", None), *[pytest.param("triton", d, marks=pytest.mark.skipif(
+    DEVICE == "cpu", reason="45 s in Triton's interpreter; the barycenter kernel has its own CPU tests"))
+    for d in (None, 0)]])
+def test_transfer_onto_the_solved_rows_reproduces_the_plan(backend, dense_pairs, monkeypatch):
     """transfer() treats new points as rows of the plan: given the solved rows themselves it must
-    give the plan's own barycentres and mass ratios; far away points get no mass."""
+    give the plan's own barycentres and mass ratios; far away points get no mass. On the GPU it
+    runs dense unless DENSE_TRANSFER_PAIRS is set to 0 (block pairs, as on the CPU)."""
+    if dense_pairs is not None:
+        monkeypatch.setattr(multiscale, "DENSE_TRANSFER_PAIRS", dense_pairs)
     x, y = sheet(200, 20), sheet(240, 21, (0.03, 0, 0))
     res = MultiscaleSinkhorn(0.01, rho=0.5, tol=1e-5, block=32, dense_blocks=0, sizes=[1.0], backend=backend)(x, y)
     v = torch.randn(len(y), 2, device=DEVICE)

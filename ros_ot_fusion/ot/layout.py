@@ -11,27 +11,34 @@ from dataclasses import dataclass
 
 import torch
 
-_BITS = 21                      # Morton code: 21 bits per axis fit in an int64
+_BITS = 10                      # Morton code: 10 bits per axis, a 1024^3 grid over the bounding box
 
 
-def _spread_bits(v: torch.Tensor) -> torch.Tensor:
-    """Insert two zero bits between the low 21 bits of v (int64)."""
-    v = v & 0x1FFFFF
-    v = (v | (v << 32)) & 0x1F00000000FFFF
-    v = (v | (v << 16)) & 0x1F0000FF0000FF
-    v = (v | (v << 8)) & 0x100F00F00F00F00F
-    v = (v | (v << 4)) & 0x10C30C30C30C30C3
-    v = (v | (v << 2)) & 0x1249249249249249
-    return v
+def _spread_table() -> torch.Tensor:
+    """Each 10-bit value with two zero bits inserted between its bits (one lookup per axis)."""
+    v = torch.arange(1 << _BITS, dtype=torch.int64)
+    out = torch.zeros_like(v)
+    for bit in range(_BITS):
+        out |= ((v >> bit) & 1) << (3 * bit)
+    return out
+
+
+_SPREAD = {}                    # device -> _spread_table() there
 
 
 def morton_order(points: torch.Tensor) -> torch.Tensor:
-    """Permutation sorting (n, 3) points along a Z-order curve over their bounding box."""
+    """Permutation sorting (n, 3) points along a Z-order curve over their bounding box.
+
+    A 1024^3 grid is fine enough for blocks of 32-128 points (cells of 4 cm on a 40 m scene), and
+    three table lookups cost a dozen launches where spreading bits by shifts cost ~50."""
+    table = _SPREAD.get(points.device)
+    if table is None:
+        table = _SPREAD[points.device] = _spread_table().to(points.device)
     lo = points.min(0).values
     extent = (points.max(0).values - lo).max().clamp_min(1e-12)
-    q = ((points - lo) * ((2**_BITS - 1) / extent)).long()
-    code = _spread_bits(q[:, 0]) | (_spread_bits(q[:, 1]) << 1) | (_spread_bits(q[:, 2]) << 2)
-    return torch.argsort(code)
+    q = ((points - lo) * ((2**_BITS - 1) / extent)).long().clamp_(0, 2**_BITS - 1)
+    code = table[q]                                                    # (n, 3)
+    return torch.argsort(code[:, 0] | (code[:, 1] << 1) | (code[:, 2] << 2))
 
 
 @dataclass
