@@ -1,6 +1,6 @@
 """Extrinsic accuracy over simulated drives, warm start against cold, and a picture per drive.
 
-    python bench/bench_drives.py                      # the four drives of bench/RESULTS.md
+    python bench/bench_drives.py                      # the six drives of bench/RESULTS.md
     python bench/bench_drives.py --drives 0:64:5:0.3 3:128:5:0.3 --frames 40 [-p NAME:=VALUE ...]
                                  [--cold 3:128:5:0.3 ...] [--out build/drives] [--figures bench/figures]
 
@@ -26,7 +26,7 @@ from ros_ot_fusion.params import load_params_file, overrides
 from ros_ot_fusion.process_bag import process_bag
 from ros_ot_fusion.sim import CameraConfig, DriveConfig, LidarConfig, params_path, write_bag
 
-DRIVES = ("0:64:5:0.3", "1:64:5:0.3", "2:128:5:0.3", "3:128:5:0.3")
+DRIVES = ("0:64:5:0.3", "1:64:5:0.3", "2:128:5:0.3", "3:128:5:0.3", "4:64:5:0.3", "5:128:5:0.3")
 
 
 def run_drive(spec: str, args) -> dict:

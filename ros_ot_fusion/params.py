@@ -49,7 +49,7 @@ PARAMS: tuple[Param, ...] = (
     Param("camera_max_range_m", 20.0, "camera points farther than this are not used for alignment "
           "(depth noise grows with range) (m)", 1.0, 1000.0),
     Param("lidar_voxel_m", 0.25, "LiDAR voxel size for alignment (m)", 0.01, 5.0),
-    Param("camera_voxel_m", 0.25, "camera voxel size for alignment (m)", 0.01, 5.0),
+    Param("camera_voxel_m", 0.2, "camera voxel size for alignment (m)", 0.01, 5.0),
     Param("normal_radius_m", 0.4, "neighbourhood for the camera surface normals (m)", 0.05, 10.0),
     Param("max_points", 8000, "point budget per cloud for alignment (subsampled above it)", 100, 2000000),
     Param("crop_margin_m", 1.0, "LiDAR kept this far beyond the camera's view when cropping (m)", 0.0, 50.0),
