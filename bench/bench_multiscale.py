@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 import scene  # noqa: E402
 
-from ros_ot_fusion.ot.multiscale import MultiscaleSinkhorn, cluster  # noqa: E402
+from ros_ot_fusion.ot.multiscale import MultiscaleSinkhorn, cluster, voxel_keys  # noqa: E402
 
 
 def sync(device):
@@ -34,7 +34,7 @@ def voxelise(points: torch.Tensor, target: int) -> torch.Tensor:
     lo, hi = 0.01, 5.0
     for _ in range(30):
         size = (lo * hi) ** 0.5
-        n = len(torch.unique(torch.floor(points / size).long(), dim=0))
+        n = len(torch.unique(voxel_keys(points, size)))
         lo, hi = (size, hi) if n > target else (lo, size)
     return cluster(points, torch.zeros(len(points), device=points.device), hi)[0]
 
