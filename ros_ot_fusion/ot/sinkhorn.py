@@ -182,9 +182,9 @@ def iterate(problem: Problem, f: torch.Tensor, g: torch.Tensor, eps_steps: list[
     if refresh is not None:
         problem = refresh(f, g, eps)
     good = (f, g, math.inf)            # last checked state: over-relaxation falls back to it
+    run = graphed_iterations if cuda_graphs else iterations
     while log.iterations < max_iter:
         k = min(check_every, max_iter - log.iterations)
-        run = graphed_iterations if cuda_graphs else iterations
         f, g, f_soft, err = run(problem, f, g, eps, rho, omega, k)
         log.iterations += k
         err = err.item()
