@@ -86,16 +86,28 @@ class Pipeline:
     def process(self, lidar_msg, camera_msg=None, now_ns: int | None = None) -> FrameOutput:
         """One frame. `now_ns`, the node's clock, lets stamps from the future be flagged (such a
         frame is fused but does not become the reference that later stamps must follow)."""
+        try:
+            return self._process(lidar_msg, camera_msg, now_ns)
+        except torch.cuda.OutOfMemoryError:
+            # this frame is lost; the next ones run on half the points (the warm start goes too)
+            torch.cuda.empty_cache()
+            budget = max(int(P.BY_NAME["max_points"].low), self.aligner.config.max_points // 2)
+            self.params["max_points"] = self.aligner.config.max_points = budget
+            self.state = None
+            return self._fail(FrameOutput(stats={"device": self.device.type}), WARN,
+                              f"GPU out of memory: frame skipped, point budget lowered to {budget}")
+
+    def _process(self, lidar_msg, camera_msg, now_ns) -> FrameOutput:
         t0 = time.perf_counter()
         out = FrameOutput(stats={"device": self.device.type})
         try:
-            lidar = pc2.decode(lidar_msg)
+            lidar = pc2.decode_to(lidar_msg, self.device)
         except pc2.PointCloudError as exc:
             return self._fail(out, ERROR, f"malformed LiDAR message: {exc}")
         camera, note = None, ""
         if camera_msg is not None:
             try:
-                camera = pc2.decode(camera_msg)
+                camera = pc2.decode_to(camera_msg, self.device)
             except pc2.PointCloudError as exc:
                 note = f"malformed camera message: {exc}"
         p = self.params
@@ -115,31 +127,23 @@ class Pipeline:
         out.stats.update(lidar_points=len(lidar), camera_points=len(camera) if camera is not None else 0,
                          decode_ms=_ms(t0))
 
-        try:
-            t1 = time.perf_counter()
-            alignment = None
-            level, message = OK, "aligned"
-            if camera is None or len(camera) == 0:
-                level, message = WARN, note or "no camera cloud: LiDAR only"
-            else:
-                alignment, level, message, stats = self._align(lidar, camera)
-                out.stats.update(stats)
-                if note:
-                    level, message = max(level, WARN), f"{message}; {note}"
-            out.stats["align_ms"] = _ms(t1)
+        t1 = time.perf_counter()
+        alignment = None
+        level, message = OK, "aligned"
+        if camera is None or len(camera) == 0:
+            level, message = WARN, note or "no camera cloud: LiDAR only"
+        else:
+            alignment, level, message, stats = self._align(lidar, camera)
+            out.stats.update(stats)
+            if note:
+                level, message = max(level, WARN), f"{message}; {note}"
+        out.stats["align_ms"] = _ms(t1)
 
-            t2 = time.perf_counter()
-            T = self.extrinsic
-            columns = fuse(self.aligner, lidar.xyz, lidar.intensity, None if camera is None else camera.xyz,
-                           None if camera is None else camera.rgb, T, alignment, p["fused_content"])
-            out.stats["fuse_ms"] = _ms(t2)
-        except torch.cuda.OutOfMemoryError:
-            # this frame is lost; the next ones run on half the points (the warm start goes too)
-            torch.cuda.empty_cache()
-            budget = max(int(P.BY_NAME["max_points"].low), self.aligner.config.max_points // 2)
-            self.params["max_points"] = self.aligner.config.max_points = budget
-            self.state = None
-            return self._fail(out, WARN, f"GPU out of memory: frame skipped, point budget lowered to {budget}")
+        t2 = time.perf_counter()
+        T = self.extrinsic
+        columns = fuse(self.aligner, lidar.xyz, lidar.intensity, None if camera is None else camera.xyz,
+                       None if camera is None else camera.rgb, T, alignment, p["fused_content"])
+        out.stats["fuse_ms"] = _ms(t2)
 
         t3 = time.perf_counter()
         header = lidar_msg.header

@@ -53,6 +53,7 @@ def test_fused_lidar_colours_come_from_the_surfaces_they_lie_on(drive):
     a = aligner.align(frame.lidar.xyz, frame.camera.xyz, frame.camera.rgb, prior=drive.truth)
     cols = fuse(aligner, frame.lidar.xyz, frame.lidar.intensity, frame.camera.xyz, frame.camera.rgb,
                 a.T, a, "lidar")
+    cols = {k: v.numpy() for k, v in cols.items()}
     assert len(cols["xyz"]) == len(frame.lidar.xyz)
     confident = cols["confidence"] > 0.5
     assert confident.sum() > 200

@@ -4,6 +4,7 @@ import struct
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import given, settings, strategies as st
 from sensor_msgs.msg import PointCloud2, PointField
 from std_msgs.msg import Header
@@ -99,6 +100,18 @@ def test_decode_matches_struct_reference(layout, seed, nan_rate):
         assert cloud.intensity.dtype == np.float32
     all_points = pc2.decode(msg, keep_invalid=True)
     assert len(all_points) == height * width
+    assert_device_decode_matches(msg, cloud, "cpu")
+
+
+def assert_device_decode_matches(msg, cloud, device):
+    """The pipeline's torch decoder reads the same xyz, colour and intensity as `decode`."""
+    mine = pc2.decode_to(msg, device)
+    assert mine.dropped == cloud.dropped and mine.frame_id == cloud.frame_id and mine.stamp_ns == cloud.stamp_ns
+    for got, want in ((mine.xyz, cloud.xyz), (mine.rgb, cloud.rgb), (mine.intensity, cloud.intensity)):
+        assert (got is None) == (want is None)
+        if want is not None:
+            assert got.device.type == torch.device(device).type
+            np.testing.assert_array_equal(got.cpu().numpy(), want)
 
 
 def test_encode_decode_round_trip():
@@ -120,6 +133,12 @@ def test_encode_decode_round_trip():
     np.testing.assert_array_equal(cloud.xyz, xyz)
     np.testing.assert_array_equal(cloud.rgb, rgb)
     np.testing.assert_array_equal(cloud.intensity, intensity)
+    # the same columns as torch tensors: the same bytes
+    again = pc2.encode(Header(frame_id="lidar"), torch.from_numpy(xyz), rgb=torch.from_numpy(rgb),
+                       intensity=torch.from_numpy(intensity),
+                       extra={"confidence": torch.from_numpy(conf), "normal": torch.from_numpy(normals),
+                              "valid": torch.from_numpy(conf > 0.5)})
+    assert again.fields == msg.fields and bytes(again.data) == bytes(msg.data)
     np.testing.assert_array_equal(cloud.fields["confidence"], conf)
     np.testing.assert_array_equal(cloud.fields["normal"], normals)
     np.testing.assert_array_equal(cloud.fields["valid"], conf > 0.5)
@@ -141,9 +160,11 @@ def test_separate_rgb_channels_and_organized_cloud():
               [("x", 0, 7), ("y", 4, 7), ("z", 8, 7), ("r", 12, 2), ("g", 13, 2), ("b", 14, 2)]]
     points = [{"x": (float(i),), "y": (0.0,), "z": (1.0,), "r": (i,), "g": (2 * i,), "b": (3,)}
               for i in range(6)]
-    cloud = pc2.decode(make_msg(fields, points, 2, 3, 16, 4, False))
+    msg = make_msg(fields, points, 2, 3, 16, 4, False)
+    cloud = pc2.decode(msg)
     assert cloud.height == 2 and cloud.width == 3
     np.testing.assert_array_equal(cloud.rgb[:, 1], [0, 2, 4, 6, 8, 10])
+    assert_device_decode_matches(msg, cloud, "cpu")
 
 
 def _good():
@@ -166,8 +187,9 @@ def test_malformed_messages_raise_one_clear_error(breakage, reason):
     msg = _good()
     assert len(pc2.decode(msg)) == 4
     breakage(msg)
-    with pytest.raises(pc2.PointCloudError, match=reason):
-        pc2.decode(msg)
+    for decode in (pc2.decode, lambda m: pc2.decode_to(m, "cpu")):
+        with pytest.raises(pc2.PointCloudError, match=reason):
+            decode(msg)
 
 
 def test_decodes_rosbags_message_objects():
@@ -182,6 +204,7 @@ def test_decodes_rosbags_message_objects():
     cloud = pc2.decode(other)
     np.testing.assert_array_equal(cloud.xyz, xyz)
     assert (cloud.rgb == 7).all() and cloud.frame_id == "cam"
+    assert_device_decode_matches(other, cloud, "cpu")
 
 
 def test_cross_check_with_sensor_msgs_py_when_installed():

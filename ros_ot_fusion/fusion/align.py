@@ -141,9 +141,10 @@ _NEIGHBOURS = torch.tensor([(dx << 42) + (dy << 21) + dz for dx in (-1, 0, 1) fo
                             for dz in (-1, 0, 1)], dtype=torch.int64)
 
 
-def normals(p: torch.Tensor, radius: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Unit normals (k, 3) and planarity in [0, 1] (k,) from the covariance of the points in the
-    3x3x3 voxels (edge `radius`) around each point; 0 where too few points define a plane."""
+def normals(p: torch.Tensor, radius: float, at: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unit normals (k, 3) and planarity in [0, 1] (k,) from the covariance of the points p in the
+    3x3x3 voxels (edge `radius`) around each point p[at] (all points without `at`); planarity 0
+    where too few points define a plane."""
     keys = voxel_keys(p, radius)
     cells, inv = torch.unique(keys, return_inverse=True)
     k = len(cells)
@@ -153,7 +154,7 @@ def normals(p: torch.Tensor, radius: float) -> tuple[torch.Tensor, torch.Tensor]
     s1 = torch.zeros(k, 3, device=p.device, dtype=torch.float64).index_add_(0, inv, pd)
     s2 = torch.zeros(k, 9, device=p.device, dtype=torch.float64).index_add_(
         0, inv, (pd[:, :, None] * pd[:, None, :]).reshape(-1, 9))
-    near = keys[:, None] + _NEIGHBOURS.to(p.device)                         # (n, 27)
+    near = (keys if at is None else keys[at])[:, None] + _NEIGHBOURS.to(p.device)     # (k, 27)
     pos = torch.searchsorted(cells, near).clamp_max(k - 1)
     hit = (cells[pos] == near).double()
     n = (count[pos] * hit).sum(1)
@@ -204,10 +205,11 @@ def smallest_eigenvector(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def view_bounds(camera: torch.Tensor, quantile: float = 0.001) -> tuple[float, float, float, float, float]:
     """The camera's field of view as seen in its own cloud: (u_lo, u_hi, v_lo, v_hi, z_max) with
     u = x/z, v = y/z (optical frame: z forward; every point in front of the camera)."""
-    u, v = camera[:, 0] / camera[:, 2], camera[:, 1] / camera[:, 2]
+    uv = camera[:100000, :2].t() / camera[:100000, 2]
     q = torch.tensor([quantile, 1 - quantile], device=camera.device)
-    (u_lo, u_hi), (v_lo, v_hi) = torch.quantile(u[:100000], q).tolist(), torch.quantile(v[:100000], q).tolist()
-    return u_lo, u_hi, v_lo, v_hi, float(camera[:, 2].max())
+    u_lo, u_hi, v_lo, v_hi, z_max = torch.cat([torch.quantile(uv, q, dim=1).t().reshape(-1),
+                                               camera[:, 2].max()[None]]).tolist()     # one host sync
+    return u_lo, u_hi, v_lo, v_hi, z_max
 
 
 def in_view(lidar_in_camera: torch.Tensor, bounds, margin: float) -> torch.Tensor:
@@ -345,10 +347,10 @@ class Aligner:
             return None
         bounds = view_bounds(c)
         c, rgb, count = voxel_downsample(c, cfg.camera_voxel_m, rgb)
-        nrm, planarity = normals(c, cfg.normal_radius_m)
         idx = subsample(len(c), cfg.max_points, self.device)
+        nrm, planarity = normals(c, cfg.normal_radius_m, idx)      # of the kept voxels, from all of them
         if idx is not None:
-            c, nrm, planarity, count = c[idx], nrm[idx], planarity[idx], count[idx]
+            c, count = c[idx], count[idx]
             rgb = None if rgb is None else rgb[idx]
         return c, nrm, planarity, rgb, count / count.sum(), bounds
 

@@ -48,8 +48,9 @@ def camera_confidence(camera: torch.Tensor, alignment: Alignment | None, voxel: 
 
 
 def fuse(aligner: Aligner, lidar_xyz, lidar_intensity, camera_xyz, camera_rgb, T: np.ndarray,
-         alignment: Alignment | None, content: str = "both") -> dict[str, np.ndarray]:
-    """Columns of the fused cloud (LiDAR frame): xyz, intensity, rgb, confidence (numpy).
+         alignment: Alignment | None, content: str = "both") -> dict[str, torch.Tensor]:
+    """Columns of the fused cloud (LiDAR frame): xyz, intensity, rgb, confidence, as tensors on
+    the aligner's device (`pointcloud2.encode` packs them there).
 
     T is the transform to publish (the last accepted estimate); `alignment` the frame's plan,
     or None (no camera: LiDAR points only, uncoloured)."""
@@ -70,5 +71,4 @@ def fuse(aligner: Aligner, lidar_xyz, lidar_intensity, camera_xyz, camera_rgb, T
         conf = camera_confidence(cam, alignment, aligner.config.camera_voxel_m)
         parts.append((transform(T, cam), torch.zeros(len(cam), device=dev), rgb, conf))
     xyz, inten, rgb, conf = (torch.cat(col) for col in zip(*parts))
-    return {"xyz": xyz.cpu().numpy(), "intensity": inten.cpu().numpy(), "rgb": rgb.cpu().numpy(),
-            "confidence": conf.cpu().numpy()}
+    return {"xyz": xyz, "intensity": inten, "rgb": rgb, "confidence": conf}
