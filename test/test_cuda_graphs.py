@@ -23,6 +23,7 @@ def _surface(n, seed, offset=20.0):
 @pytest.mark.parametrize("rho", [None, 0.05])
 def test_graph_replays_match_launched_iterations_on_new_inputs(rho):
     graphed._GRAPHS.clear()
+    graphed._SEEN.clear()
     eps = 0.01
     # the second problem is smaller but rounds up to the same static sizes: it replays the first's
     # graph, whose buffers still hold the first problem's points beyond its own
@@ -33,6 +34,9 @@ def test_graph_replays_match_launched_iterations_on_new_inputs(rho):
         f = 0.01 * torch.randn(p.x.n_pad, device="cuda")
         g = 0.01 * torch.randn(p.y.n_pad, device="cuda")
         want = iterations(p, f, g, eps, rho, 1.6, 5)
+        if seed == 1:       # asked for the first time: launched, nothing captured
+            graphed.graphed_iterations(p, f, g, eps, rho, 1.6, 5)
+            assert len(graphed._GRAPHS) == 0
         got = graphed.graphed_iterations(p, f, g, eps, rho, 1.6, 5)
         assert len(graphed._GRAPHS) == 1
         for a, b in zip(got[:3], want[:3]):

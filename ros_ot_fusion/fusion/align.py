@@ -107,6 +107,13 @@ class Alignment:
     bounds: tuple | None = None                 # the camera's view (see view_bounds)
     state: AlignState | None = None             # for the next frame
 
+    def __post_init__(self):
+        # the steps' `matched` fractions stay on the device until the frame ends: one host sync
+        pending = [s for s in self.steps if isinstance(s.get("matched"), torch.Tensor)]
+        if pending:
+            for s, v in zip(pending, torch.stack([s["matched"] for s in pending]).tolist()):
+                s["matched"] = v
+
     @property
     def iterations(self) -> int:
         return sum(s["iterations"] for s in self.steps)
@@ -116,8 +123,15 @@ class Alignment:
 # preprocessing
 # ---------------------------------------------------------------------------------------------
 
+def to_device(a, device, dtype=torch.float32) -> torch.Tensor:
+    """A small host array on `device`. Through pinned memory: a copy from pageable memory to the
+    GPU first waits for everything queued on the stream, and a frame made ~10 of them."""
+    t = torch.as_tensor(a, dtype=dtype)
+    return t.pin_memory().to(device, non_blocking=True) if torch.device(device).type == "cuda" else t
+
+
 def transform(T: np.ndarray, p: torch.Tensor) -> torch.Tensor:
-    Tt = torch.as_tensor(T, dtype=torch.float32, device=p.device)
+    Tt = to_device(T, p.device)
     return p @ Tt[:3, :3].t() + Tt[:3, 3]
 
 
@@ -154,7 +168,7 @@ def normals(p: torch.Tensor, radius: float, at: torch.Tensor | None = None) -> t
     s1 = torch.zeros(k, 3, device=p.device, dtype=torch.float64).index_add_(0, inv, pd)
     s2 = torch.zeros(k, 9, device=p.device, dtype=torch.float64).index_add_(
         0, inv, (pd[:, :, None] * pd[:, None, :]).reshape(-1, 9))
-    near = (keys if at is None else keys[at])[:, None] + _NEIGHBOURS.to(p.device)     # (k, 27)
+    near = (keys if at is None else keys[at])[:, None] + to_device(_NEIGHBOURS, p.device, torch.int64)  # (k, 27)
     pos = torch.searchsorted(cells, near).clamp_max(k - 1)
     hit = (cells[pos] == near).double()
     n = (count[pos] * hit).sum(1)
@@ -206,7 +220,7 @@ def view_bounds(camera: torch.Tensor, quantile: float = 0.001) -> tuple[float, f
     """The camera's field of view as seen in its own cloud: (u_lo, u_hi, v_lo, v_hi, z_max) with
     u = x/z, v = y/z (optical frame: z forward; every point in front of the camera)."""
     uv = camera[:100000, :2].t() / camera[:100000, 2]
-    q = torch.tensor([quantile, 1 - quantile], device=camera.device)
+    q = to_device([quantile, 1 - quantile], camera.device)
     u_lo, u_hi, v_lo, v_hi, z_max = torch.cat([torch.quantile(uv, q, dim=1).t().reshape(-1),
                                                camera[:, 2].max()[None]]).tolist()     # one host sync
     return u_lo, u_hi, v_lo, v_hi, z_max
@@ -225,7 +239,7 @@ def subsample(n: int, budget: int, device) -> torch.Tensor | None:
     if n <= budget:
         return None
     gen = torch.Generator().manual_seed(n)
-    return torch.randperm(n, generator=gen)[:budget].to(device)
+    return to_device(torch.randperm(n, generator=gen)[:budget], device, torch.int64)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -250,7 +264,8 @@ def _skew(c: np.ndarray) -> np.ndarray:
 
 
 def point_to_plane_step(x, y, n, w, prior=None):
-    """Weighted Gauss-Newton step (a `Step`) moving targets y (k, 3) so that n . (x - y) -> 0.
+    """Weighted Gauss-Newton step (a `Step`) moving targets y (k, 3) so that n . (x - y) -> 0;
+    None when no weight is left (w sums to 0).
 
     Linearised about the targets' centroid c: y' = c + R (y - c) + v with R = exp([omega]x), the
     residual changes by -(omega . ((y - c) x n) + n . v). Also returns the weighted RMS residual
@@ -264,14 +279,20 @@ def point_to_plane_step(x, y, n, w, prior=None):
     """
     w = w.double()
     x, y, n = x.double(), y.double(), n.double()
-    wsum = w.sum().clamp_min(1e-30)
-    c = (w[:, None] * y).sum(0) / wsum
+    wsum = w.sum()
+    c = (w[:, None] * y).sum(0) / wsum.clamp_min(1e-30)
     J = torch.cat([torch.cross(y - c, n, dim=1), n], 1)                    # (k, 6)
     r = (n * (x - y)).sum(1)
-    H = (J * w[:, None]).t() @ J
-    b = (J * w[:, None]).t() @ r
-    radius = float(torch.sqrt((w * ((y - c) ** 2).sum(1)).sum() / wsum).clamp_min(1e-6))
-    H, b, c = H.cpu().numpy(), b.cpu().numpy(), c.cpu().numpy()
+    Jw = J * w[:, None]
+    # one host copy for everything the 6x6 solve needs (each .cpu() waits for the GPU)
+    spread = (w * ((y - c) ** 2).sum(1)).sum()
+    host = torch.cat([(Jw.t() @ J).reshape(-1), Jw.t() @ r, c, torch.stack([wsum, spread, (w * r * r).sum()])])
+    host = host.cpu().numpy()
+    H, b, c = host[:36].reshape(6, 6), host[36:42], host[42:45]
+    wsum, spread, square = host[45:]
+    if not wsum > 0:
+        return None
+    radius = max(math.sqrt(spread / wsum), 1e-6)
     scale = np.diag([1 / radius] * 3 + [1.0] * 3)
     ev = np.linalg.eigvalsh(scale @ H @ scale)
     conditioning = float(ev[0] / ev[-1]) if ev[-1] > 0 else 0.0
@@ -285,7 +306,7 @@ def point_to_plane_step(x, y, n, w, prior=None):
         Pc = M.T @ P @ M
         A, rhs = H + Pc, b + Pc @ (Minv @ e)
     delta = np.linalg.solve(A + 1e-9 * np.trace(A) * np.eye(6), rhs)
-    rms = float(torch.sqrt((w * r * r).sum() / wsum))
+    rms = math.sqrt(square / wsum)
     return Step(delta, c, radius, rms, conditioning, Minv.T @ H @ Minv)
 
 
@@ -396,7 +417,7 @@ class Aligner:
         extra = 0
         for i, eps in enumerate(steps):                  # (a cold frame may append steps)
             y = transform(T, c)
-            n = nrm @ torch.as_tensor(T[:3, :3], dtype=torch.float32, device=self.device).t()
+            n = nrm @ to_device(T[:3, :3], self.device).t()
             solver = MultiscaleSinkhorn(eps, rho=max(cfg.rho, 4 * eps), tol=cfg.tol,
                                         sizes=[s for s in cfg.pyramid_voxel_sizes if s * s > eps],
                                         max_iter=cfg.max_iter, backend=self.backend)
@@ -414,19 +435,19 @@ class Aligner:
             r = (normal * (x - target)).sum(1)
             s2 = 4 * max(eps, 0.05**2)                   # Geman-McClure scale: 2 blurs, at least 10 cm
             w = mass * coherence**2 * plan_planarity / (1 + r * r / s2) ** 2
-            if float(w.sum()) <= 0:
-                return Alignment(T_before, False, "no transported mass: the clouds do not overlap", log)
             final = eps == cfg.eps
             fused = None
             if final and memory is not None:         # the step back to the last estimate, about the origin
                 back = T_before @ np.linalg.inv(T)
                 fused = (memory, np.concatenate([so3_log(back[:3, :3]), back[:3, 3]]))
             step = point_to_plane_step(x, target, normal, w, fused)
+            if step is None:
+                return Alignment(T_before, False, "no transported mass: the clouds do not overlap", log)
             factor = extrapolation(step, previous) if final else 1.0
             previous = step if final else None
             log.append({"eps": eps, "iterations": result.iterations,
                         "marginal_error": result.marginal_error, "residual_m": step.rms,
-                        "matched": float((mass > 0.5).float().mean()), "conditioning": step.conditioning,
+                        "matched": (mass > 0.5).float().mean(), "conditioning": step.conditioning,
                         "extrapolation": factor})
             if step.conditioning < self.min_conditioning:
                 return Alignment(T_before, False, f"degenerate geometry: the transform is not observable "

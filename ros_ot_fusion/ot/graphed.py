@@ -62,8 +62,16 @@ class _Graph:
             run()
         torch.cuda.current_stream(dev).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
-            self.out = run()
+        # capture_begin/end, not torch.cuda.graph(): that context first empties the caching
+        # allocators (device and pinned host memory), so every capture cost the next
+        # allocations their cudaMalloc again
+        with torch.cuda.stream(side):
+            self.graph.capture_begin(capture_error_mode="thread_local")
+            try:
+                self.out = run()
+            finally:
+                self.graph.capture_end()
+        torch.cuda.current_stream(dev).wait_stream(side)
 
     def load(self, problem, f, g) -> None:
         for side, (static, layout, pot, v) in enumerate(((self.x, problem.x, self.f, f),
@@ -87,12 +95,15 @@ class _Graph:
 
 
 _GRAPHS: OrderedDict = OrderedDict()
+_SEEN: set = set()      # keys asked for once: captured when asked again
 _LOCK = threading.Lock()
 
 
 def graphed_iterations(problem, f, g, eps: float, rho: float | None, omega: float, k: int):
     """`sinkhorn.iterations`, replayed from a CUDA graph when the problem is dense, on the GPU,
-    and on the Triton backend; run directly otherwise."""
+    and on the Triton backend; run directly otherwise. A key is captured the second time it is
+    asked for: a cold frame's annealing asks for each of its eps once, warm frames for theirs
+    again and again."""
     if (problem.pairs_xy is not None or problem.backend != "triton" or not problem.x.pts.is_cuda
             or CAPACITY % problem.x.block or CAPACITY % problem.y.block):
         return iterations(problem, f, g, eps, rho, omega, k)
@@ -102,7 +113,13 @@ def graphed_iterations(problem, f, g, eps: float, rho: float | None, omega: floa
     key = (problem.x.device, n_cap, m_cap, problem.x.block, problem.y.block, eps, rho, omega, k, exact)
     with _LOCK:
         graph = _GRAPHS.get(key)
+        if graph is None and key not in _SEEN:
+            if len(_SEEN) > 64 * MAX_GRAPHS:
+                _SEEN.clear()
+            _SEEN.add(key)
+            return iterations(problem, f, g, eps, rho, omega, k)
         if graph is None:
+            _SEEN.discard(key)
             try:
                 graph = _Graph(problem, n_cap, m_cap, eps, rho, omega, k, exact)
             except RuntimeError:    # the capture failed (out of memory, say): launch them instead,

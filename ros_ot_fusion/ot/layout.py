@@ -73,8 +73,12 @@ class Layout:
 
     def moved(self, points: torch.Tensor) -> "Layout":
         """The same points (n, 3), in the same order, at new coordinates (a rigid motion keeps
-        each block a tight cluster, so the order need not change)."""
-        return Layout(self.pad(points.float()).t().contiguous(), self.logw, self.order, self.n, self.block)
+        each block a tight cluster, so the order need not change; nor, to a few percent for the
+        aligner's corrections, the blocks' extents, which only choose the cost form)."""
+        out = Layout(self.pad(points.float()).t().contiguous(), self.logw, self.order, self.n, self.block)
+        if hasattr(self, "_extent2"):
+            out._extent2 = self._extent2
+        return out
 
     @property
     def n_pad(self) -> int:
