@@ -322,6 +322,13 @@ class FusionNode(Node):
 
         self._FrameOutput = FrameOutput
         self.pipeline = Pipeline(self.values)
+        if self.pipeline.device.type == "cuda":     # kernels and graphs load now, not on the first sweeps
+            started = time.monotonic()
+            try:
+                done = self.pipeline.warm_up().message
+            except Exception as exc:  # noqa: BLE001 - a failed warm-up only costs the first sweeps time
+                done = f"failed: {type(exc).__name__}: {exc}"
+            self.get_logger().info(f"GPU warm-up: {time.monotonic() - started:.1f} s ({done})")
         self._pipe_lock = threading.Lock()
         self._status_lock = threading.Lock()
         self.status = Status()

@@ -125,3 +125,13 @@ def test_closed_form_eigen_matches_eigh_on_planar_linear_and_random_covariances(
     assert (cos[gap > 1e-3] > 1 - 1e-6).all()
     # A v = l_min v for all, lines included
     assert torch.allclose(A @ v[:, :, None], evals[:, :1, None] * v[:, :, None], atol=1e-6)
+
+
+def test_warm_up_aligns_its_synthetic_room_and_leaves_no_state():
+    from ros_ot_fusion.pipeline import OK, Pipeline
+
+    pipe = Pipeline({"prior_extrinsic": [0.4, 0.1, 1.5, -0.5, 0.5, -0.5, 0.5], "lidar_frame": "velodyne"})
+    out = pipe.warm_up(points=30_000)
+    assert out.level == OK, out.message
+    assert out.stats["solves"] >= 3 and out.stats["residual_m"] < 0.03
+    assert pipe.state is None and pipe.estimate is None and pipe.last_stamp_ns == -1
