@@ -105,7 +105,7 @@ def test_decode_matches_struct_reference(layout, seed, nan_rate):
 
 def assert_device_decode_matches(msg, cloud, device):
     """The pipeline's torch decoder reads the same xyz, colour and intensity as `decode`."""
-    mine = pc2.decode_to(msg, device)
+    mine = pc2.decode_bytes(msg, device)
     assert mine.dropped == cloud.dropped and mine.frame_id == cloud.frame_id and mine.stamp_ns == cloud.stamp_ns
     for got, want in ((mine.xyz, cloud.xyz), (mine.rgb, cloud.rgb), (mine.intensity, cloud.intensity)):
         assert (got is None) == (want is None)
@@ -187,7 +187,7 @@ def test_malformed_messages_raise_one_clear_error(breakage, reason):
     msg = _good()
     assert len(pc2.decode(msg)) == 4
     breakage(msg)
-    for decode in (pc2.decode, lambda m: pc2.decode_to(m, "cpu")):
+    for decode in (pc2.decode, lambda m: pc2.decode_bytes(m, "cpu"), lambda m: pc2.decode_to(m, "cpu")):
         with pytest.raises(pc2.PointCloudError, match=reason):
             decode(msg)
 

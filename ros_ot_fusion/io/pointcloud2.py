@@ -3,9 +3,9 @@
 A PointCloud2 is a table of `height x width` points, `point_step` bytes each, rows
 `row_step` bytes apart; every field is (name, offset, datatype, count). `decode` describes one
 point as a numpy structured dtype and looks at the message buffer through it: every field, a
-few vectorised copies, no per-point Python. `decode_to` is what the pipeline reads: the same
-checks, then the buffer is copied to the compute device once and xyz, colour and intensity are
-cut out of its bytes there. `encode` packs the columns as one (N, point_step) byte tensor where
+few vectorised copies, no per-point Python. `decode_to` is what the pipeline reads: xyz, colour
+and intensity as torch tensors; on a GPU, after the same checks, the buffer is copied there once
+and the columns are cut out of its bytes on the device. `encode` packs the columns as one (N, point_step) byte tensor where
 they lie and copies it into the message's buffer once (from the GPU: one device-to-host copy).
 
 Works on rclpy messages (`data` is an `array.array`) and on rosbags messages (`data` is
@@ -208,9 +208,21 @@ def _values(rows: torch.Tensor, dtype: np.dtype, name: str, swap: bool) -> torch
 
 
 def decode_to(msg, device) -> DevicePoints:
-    """`decode` for the pipeline: xyz, rgb and intensity of the valid points, cut out of the
-    message's bytes on `device` after one host-to-device copy of the buffer (on the GPU, no
-    per-field work on the host). Raises PointCloudError as `decode` does."""
+    """`decode` for the pipeline: xyz, rgb and intensity of the valid points as tensors on
+    `device`. On a GPU they are cut out of the message's bytes there, after one host-to-device
+    copy of the buffer (no per-field work on the host); on the CPU numpy's views are faster
+    than torch's byte slicing (3 against 11 ms for a 276k-point cloud), so `decode` reads them.
+    Raises PointCloudError as `decode` does."""
+    if torch.device(device).type == "cpu":
+        c = decode(msg)
+        return DevicePoints(torch.from_numpy(c.xyz), None if c.rgb is None else torch.from_numpy(c.rgb),
+                            None if c.intensity is None else torch.from_numpy(c.intensity),
+                            frame_id=c.frame_id, stamp_ns=c.stamp_ns, dropped=c.dropped)
+    return decode_bytes(msg, device)
+
+
+def decode_bytes(msg, device) -> DevicePoints:
+    """`decode_to`'s GPU path, on any device (tests run it on the CPU against `decode`)."""
     dtype, height, width, point_step, row_step, data = _layout(msg)
     n = height * width
     with warnings.catch_warnings():                  # a read-only buffer (rosbags): we only read it
