@@ -289,7 +289,8 @@ def barycenter_triton(x, y, h, eps: float, v, pairs=None, block: int = 128):
     k = v.shape[1]
     bm, bn = 32, min(32, block)
     # each row tile's columns split over up to 32 programs, for ~2000 in all: 250 row tiles of
-    # an 8k problem ran one wave of 250 serial loops (0.44 ms on an H200)
+    # an 8k problem ran one wave of 250 serial loops (a frame's calls averaged 0.44 ms on an H200
+    # before, 0.30 after: the loop itself is slow too, see bench/RESULTS.md)
     split = 1 << (max(1, min(32, 2048 * bm // n_pad)).bit_length() - 1)
     m, l, acc_c = torch.empty(3, split, n_pad, device=x.device, dtype=torch.float32)
     acc_v = torch.empty(split, n_pad, k, device=x.device, dtype=torch.float32)

@@ -284,8 +284,7 @@ def encode(header, xyz, rgb=None, intensity=None, extra=None):
     if intensity is not None:
         columns["intensity"] = _tensor(intensity).to(dev, torch.float32)
     if rgb is not None:
-        rgb = _tensor(rgb).to(dev, torch.uint8)
-        rgb = rgb.to(torch.int32)
+        rgb = _tensor(rgb).to(dev, torch.uint8).int()
         columns["rgb"] = (rgb[:, 0] << 16) | (rgb[:, 1] << 8) | rgb[:, 2]       # 0x00RRGGBB
     for name, values in (extra or {}).items():
         values = _tensor(values).to(dev)
