@@ -187,8 +187,9 @@ class MultiscaleSinkhorn:
                  tau: float = 16.0, block: int | None = None, max_iter: int = 500, check_every: int = 5,
                  dense_blocks: int | None = None, omega: float | None = None, backend: str = "auto",
                  cuda_graphs: bool = True):
-        # block=None: 128 on the GPU (kernel efficiency), 32 on the CPU (less work wasted in
-        # partly relevant block pairs; the torch backend does every entry of a kept pair)
+        # block=None: 128 on the GPU (kernel efficiency), 16 on the CPU (less work wasted in
+        # partly relevant block pairs, since the torch backend does every entry of a kept pair:
+        # against 32, a warm aligner frame 14% and a 20k-point solve ~28% faster; 8 was slower)
         if eps <= 0 or (rho is not None and rho <= 0) or tol <= 0:
             raise ValueError("eps, rho and tol must be positive")
         self.eps, self.rho, self.tol, self.sizes, self.ratio = eps, rho, tol, sizes, ratio
@@ -219,7 +220,7 @@ class MultiscaleSinkhorn:
                  warm: WarmStart | None = None) -> MultiscaleResult:
         x, y = x.float(), y.float()
         backend = resolve_backend(self.backend, x.device)
-        block = self.block or (128 if x.device.type == "cuda" else 32)
+        block = self.block or (128 if x.device.type == "cuda" else 16)
         loga = torch.log(a.float()) if a is not None else torch.full((len(x),), -math.log(len(x)), device=x.device)
         logb = torch.log(b.float()) if b is not None else torch.full((len(y),), -math.log(len(y)), device=x.device)
         rho, eps = self.rho, self.eps
