@@ -5,8 +5,8 @@ A PointCloud2 is a table of `height x width` points, `point_step` bytes each, ro
 point as a numpy structured dtype and looks at the message buffer through it: every field, a
 few vectorised copies, no per-point Python. `decode_to` is what the pipeline reads: xyz, colour
 and intensity as torch tensors; on a GPU, after the same checks, the buffer is copied there once
-and the columns are cut out of its bytes on the device. `encode` packs the columns as one (N, point_step) byte tensor where
-they lie and copies it into the message's buffer once (from the GPU: one device-to-host copy).
+and the columns are cut out of its bytes on the device. `encode` packs the columns where they
+lie and copies them into the message's buffer once (from the GPU: one device-to-host copy).
 
 Works on rclpy messages (`data` is an `array.array`) and on rosbags messages (`data` is
 a numpy array) alike: only the attributes of the message are used.
@@ -140,6 +140,14 @@ def _rgb(fields: dict[str, np.ndarray]) -> np.ndarray | None:
     return None
 
 
+def _origin(msg) -> dict:
+    """frame_id and stamp_ns of a message's header ("" and 0 without one)."""
+    header = getattr(msg, "header", None)
+    stamp = getattr(header, "stamp", None)
+    return {"frame_id": getattr(header, "frame_id", ""),
+            "stamp_ns": int(stamp.sec) * 1_000_000_000 + int(stamp.nanosec) if stamp else 0}
+
+
 def decode(msg, keep_invalid: bool = False) -> Cloud:
     """Decode a PointCloud2. Points with a NaN/Inf coordinate are dropped unless `keep_invalid`.
 
@@ -158,12 +166,8 @@ def decode(msg, keep_invalid: bool = False) -> Cloud:
     intensity = fields.get("intensity")
     if intensity is not None:
         intensity = intensity.astype(np.float32, copy=False) if intensity.ndim == 1 else None
-    header = getattr(msg, "header", None)
-    stamp = getattr(header, "stamp", None)
     return Cloud(xyz=xyz, rgb=_rgb(fields), intensity=intensity, fields=fields,
-                 index=index, height=int(msg.height), width=int(msg.width),
-                 frame_id=getattr(header, "frame_id", ""),
-                 stamp_ns=int(stamp.sec) * 1_000_000_000 + int(stamp.nanosec) if stamp else 0,
+                 index=index, height=int(msg.height), width=int(msg.width), **_origin(msg),
                  dropped=dropped)
 
 
@@ -246,11 +250,7 @@ def decode_bytes(msg, device) -> DevicePoints:
         xyz, dropped = xyz[keep], n - len(keep)
         rgb = None if rgb is None else rgb[keep]
         intensity = None if intensity is None else intensity[keep]
-    header = getattr(msg, "header", None)
-    stamp = getattr(header, "stamp", None)
-    return DevicePoints(xyz, None if rgb is None else rgb.contiguous(), intensity,
-                        frame_id=getattr(header, "frame_id", ""),
-                        stamp_ns=int(stamp.sec) * 1_000_000_000 + int(stamp.nanosec) if stamp else 0,
+    return DevicePoints(xyz, None if rgb is None else rgb.contiguous(), intensity, **_origin(msg),
                         dropped=dropped)
 
 
