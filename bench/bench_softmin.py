@@ -2,6 +2,7 @@
 
     python bench/bench_softmin.py [--sizes 4096 16384 65536] [--sweep] [--torch-max 65536]
                                   [--split-sweep 4096 8192] [--solve-sizes 4096 8192]
+                                  [--one-launch-sweep 4096 8192]
 
 One Sinkhorn iteration = two soft-mins (column then row update), dense, d = 3, fp32.
 Side by side in one run: our Triton kernel, a plain torch log-domain iteration (materialised
@@ -17,7 +18,7 @@ import triton
 import triton.language as tl
 
 from ros_ot_fusion.kernels import softmin as softmin_module
-from ros_ot_fusion.kernels.softmin import softmin_torch, softmin_triton
+from ros_ot_fusion.kernels.softmin import dense_iterations_triton, softmin_torch, softmin_triton
 from ros_ot_fusion.ot.layout import morton_order
 from ros_ot_fusion.ot.sinkhorn import sinkhorn
 
@@ -96,10 +97,10 @@ def main():
     parser.add_argument("--sweep", action="store_true", help="time tile configurations at 65536")
     parser.add_argument("--split-sweep", type=int, nargs="*", default=[],
                         help="time splits and warps of one soft-min at these (small) sizes")
-    parser.add_argument("--max-split", type=int, nargs="*", default=[8, 32],
-                        help="the solves' table once per cap on the column split (kernels.softmin.MAX_SPLIT)")
     parser.add_argument("--solve-sizes", type=int, nargs="*", default=[4096, 8192],
                         help="time whole 100-iteration dense solves at these sizes")
+    parser.add_argument("--one-launch-sweep", type=int, nargs="*", default=[],
+                        help="time tile configurations of the one-launch iterations at these sizes")
     args = parser.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
@@ -148,8 +149,8 @@ def main():
             print(f"  BM={bm} warps={warps}  " + "  ".join(row))
 
     print(f"\n## one dense Sinkhorn iteration (row + column soft-min), d=3, fp32, median ms, config {config}")
-    print("| n = m | ours 3-FMA | ours exact | torch dense | torch/ours | exp floor (measured) | ours/floor |")
-    print("|------:|-----------:|-----------:|------------:|-----------:|---------------------:|-----------:|")
+    print("| n = m | ours 3-FMA | ours exact | one launch 3-FMA | torch dense | torch/ours | exp floor (measured) | ours/floor |")
+    print("|------:|-----------:|-----------:|-----------------:|------------:|-----------:|---------------------:|-----------:|")
     for n in args.sizes:
         x, y = scene(n, n)
         f = torch.randn(n, device="cuda") * 0.01
@@ -161,6 +162,7 @@ def main():
             softmin_triton(x, y, logw + gg / eps, eps, exact=exact, config=config)
         t_ours = time_iteration(lambda: ours(False))
         t_exact = time_iteration(lambda: ours(True))
+        t_one = one_launch(x, y, eps) if n <= 65536 else float("nan")
         t_torch = float("nan")
         if n <= args.torch_max:
             X, Y = x.t().contiguous(), y.t().contiguous()
@@ -174,23 +176,49 @@ def main():
             del C
             torch.cuda.empty_cache()
         floor = 1e3 * 2 * n * n / rate
-        print(f"| {n} | {t_ours:.3f} | {t_exact:.3f} | {t_torch:.3f} | {t_torch / t_ours:.1f} | {floor:.3f} | {t_ours / floor:.2f} |")
+        print(f"| {n} | {t_ours:.3f} | {t_exact:.3f} | {t_one:.3f} | {t_torch:.3f} | {t_torch / t_ours:.1f} | {floor:.3f} | {t_ours / floor:.2f} |")
+
+    for n in args.one_launch_sweep:
+        x, y = scene(n, n)
+        print(f"\n## one-launch iterations at {n}^2, tile configurations (us an iteration, k = 100, 3-FMA)")
+        for cfg in [(16, 32, 4), (32, 32, 4), (32, 64, 4), (32, 32, 8), (32, 64, 8), (32, 128, 8), (64, 32, 8),
+                    (16, 64, 8), (16, 128, 4)]:
+            try:
+                print(f"  BM={cfg[0]:3d} BN={cfg[1]:3d} warps={cfg[2]}: {1e3 * one_launch(x, y, args.eps, cfg=cfg):7.2f}")
+            except Exception as exc:  # noqa: BLE001 (a config that does not compile)
+                print(f"  {cfg}: failed {type(exc).__name__}: {exc}"[:200])
 
     print("\n## whole dense solves of 100 iterations at eps (unbalanced rho = 0.1, over-relaxed), median ms;"
-          " checks: marginal-error checks (one host sync each)")
-    print("| n = m | max split | checks | launched | CUDA graphs | launched / graphs |")
-    print("|------:|----------:|-------:|---------:|------------:|------------------:|")
-    for n, cap in [(n, c) for n in args.solve_sizes for c in args.max_split]:
-        softmin_module.MAX_SPLIT = cap
+          " checks: marginal-error checks (one host sync each); kernels: two soft-min kernels a half-iteration;"
+          " one launch: all iterations between checks in one persistent kernel")
+    print("| n = m | checks | kernels | kernels, CUDA graphs | one launch | one launch, CUDA graphs | the kernel alone |")
+    print("|------:|-------:|--------:|---------------------:|-----------:|------------------------:|-----------------:|")
+    keep = softmin_module.PERSISTENT_MAX
+    for n in args.solve_sizes:
         x, y = (p.t().contiguous() for p in scene(n, n, seed=7))
         zero = (torch.zeros(n, device="cuda"), torch.zeros(n, device="cuda"))
+        alone = 100 * one_launch(x.t().contiguous(), y.t().contiguous(), args.eps)
         for every in (10, 50):
             def solve(graphs):
                 r = sinkhorn(x, y, eps=args.eps, rho=0.1, tol=1e-30, max_iter=100, init=zero,
                              check_every=every, cuda_graphs=graphs, block=128)
                 assert r.iterations == 100
-            t = [time_iteration(lambda: solve(on), 3, 50) for on in (False, True)]
-            print(f"| {n} | {cap} | {100 // every} | {t[0]:.3f} | {t[1]:.3f} | {t[0] / t[1]:.1f} |")
+            t = []
+            for persistent in (0, keep):
+                softmin_module.PERSISTENT_MAX = persistent
+                t += [time_iteration(lambda: solve(on), 3, 50) for on in (False, True)]
+            softmin_module.PERSISTENT_MAX = keep
+            print(f"| {n} | {100 // every} | " + " | ".join(f"{v:.3f}" for v in t) + f" | {alone:.3f} |")
+
+
+def one_launch(x, y, eps, k=100, cfg=None):
+    """ms an iteration of `dense_iterations_triton` (k iterations in one launch), points (3, n)."""
+    n, m = x.shape[1], y.shape[1]
+    lx = torch.full((n,), -float(torch.log(torch.tensor(float(n)))), device="cuda")
+    ly = torch.full((m,), -float(torch.log(torch.tensor(float(m)))), device="cuda")
+    f, g = torch.zeros(n, device="cuda"), torch.zeros(m, device="cuda")
+    run = lambda: dense_iterations_triton(x, y, lx, ly, f, g, eps, 0.9, 1.6, k, 128, (False, False), cfg)  # noqa: E731
+    return time_iteration(run, 3, 30) / k
 
 
 if __name__ == "__main__":

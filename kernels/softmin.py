@@ -90,27 +90,13 @@ def _tile_count(ROW_PTR, pid, m_pad, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
 
 
 @triton.jit
-def _softmin_kernel(X, YC, YY, D, H, G, M, L, ROW_PTR, COLS, n_pad, m_pad, scale, l2e, inv_eps,
-                    SPARSE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
-                    BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, FTZ: tl.constexpr, EXACT: tl.constexpr,
-                    HAS_G: tl.constexpr):
-    """Partial log2-sum-exp2 of one row tile over its share of the column blocks: M (max), L (sum).
-    Column log-weights are H, or H + G / eps with HAS_G (log weights and a potential)."""
-    pid = tl.program_id(0)
-    part = tl.program_id(1)
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)[:, None]
-    x0 = tl.load(X + rows)
-    x1 = tl.load(X + n_pad + rows)
-    x2 = tl.load(X + 2 * n_pad + rows)
+def _lse_rows(x0, x1, x2, YC, YY, D, H, G, COLS, first, lo, hi, m_pad, scale, l2e, inv_eps,
+              SPARSE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              FTZ: tl.constexpr, EXACT: tl.constexpr, HAS_G: tl.constexpr):
+    """Running (max, sum) of 2^(h_j - C_ij scale) for the rows (x0, x1, x2), [BLOCK_M, 1] each,
+    over their column blocks lo..hi (the CSR list COLS from `first` when SPARSE). Column
+    log-weights are H, or H + G / eps with HAS_G (log weights and a potential)."""
     n_col_blocks = m_pad // BLOCK
-    if SPARSE:
-        first = tl.load(ROW_PTR + (pid * BLOCK_M) // BLOCK)
-        count = tl.load(ROW_PTR + (pid * BLOCK_M) // BLOCK + 1) - first
-    else:
-        first, count = 0, n_col_blocks
-    share = tl.cdiv(count, SPLIT)
-    lo = part * share
-    hi = tl.minimum(lo + share, count)
     m_i = tl.full([BLOCK_M, 1], _NEG, tl.float32)
     l_i = tl.zeros([BLOCK_M, 1], tl.float32)
     for t in range(lo, hi):
@@ -127,8 +113,8 @@ def _softmin_kernel(X, YC, YY, D, H, G, M, L, ROW_PTR, COLS, n_pad, m_pad, scale
             y0 = tl.load(YC + cols)
             y1 = tl.load(YC + m_pad + cols)
             y2 = tl.load(YC + 2 * m_pad + cols)
-            if HAS_G:
-                hq = (tl.load(H + cols) + tl.load(G + cols) * inv_eps) * l2e
+            if HAS_G:   # .cg: potentials written by other programs of a persistent kernel (not L1)
+                hq = (tl.load(H + cols) + tl.load(G + cols, cache_modifier=".cg") * inv_eps) * l2e
             else:
                 hq = tl.load(H + cols) * l2e
             if EXACT:   # u = h - C/eps from exact differences (6 ops a pair)
@@ -143,8 +129,83 @@ def _softmin_kernel(X, YC, YY, D, H, G, M, L, ROW_PTR, COLS, n_pad, m_pad, scale
             m_new = tl.maximum(m_i, tl.max(u, axis=1, keep_dims=True) - shift)
             l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(_exp2(u - (m_new + shift), FTZ), axis=1, keep_dims=True)
             m_i = m_new
+    return m_i, l_i
+
+
+@triton.jit
+def _softmin_kernel(X, YC, YY, D, H, G, M, L, ROW_PTR, COLS, n_pad, m_pad, scale, l2e, inv_eps,
+                    SPARSE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, FTZ: tl.constexpr, EXACT: tl.constexpr,
+                    HAS_G: tl.constexpr):
+    """Partial log2-sum-exp2 of one row tile over its share of the column blocks: M (max), L (sum)."""
+    pid = tl.program_id(0)
+    part = tl.program_id(1)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)[:, None]
+    x0 = tl.load(X + rows)
+    x1 = tl.load(X + n_pad + rows)
+    x2 = tl.load(X + 2 * n_pad + rows)
+    if SPARSE:
+        first = tl.load(ROW_PTR + (pid * BLOCK_M) // BLOCK)
+        count = tl.load(ROW_PTR + (pid * BLOCK_M) // BLOCK + 1) - first
+    else:
+        first, count = 0, m_pad // BLOCK
+    share = tl.cdiv(count, SPLIT)
+    lo = part * share
+    hi = tl.minimum(lo + share, count)
+    m_i, l_i = _lse_rows(x0, x1, x2, YC, YY, D, H, G, COLS, first, lo, hi, m_pad, scale, l2e, inv_eps,
+                         SPARSE, BLOCK, BLOCK_M, BLOCK_N, FTZ, EXACT, HAS_G)
     tl.store(M + part * n_pad + rows, m_i)
     tl.store(L + part * n_pad + rows, l_i)
+
+
+@triton.jit
+def _update_rows(R, r_pad, CC, CCC, CD, CH, POT, OUT, SOFT, c_pad, pid, nprog, scale, l2e, inv_eps,
+                 inv_scale, lam, omega, update, write_soft, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, FTZ: tl.constexpr, EXACT: tl.constexpr):
+    """One half-iteration, this program's row tiles: soft = softmin over all columns (weights
+    CH + POT / eps); SOFT <- soft if write_soft; OUT <- OUT + omega (lam soft - OUT) if update."""
+    for tile in range(pid, r_pad // BLOCK_M, nprog):
+        rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)[:, None]
+        x0 = tl.load(R + rows)
+        x1 = tl.load(R + r_pad + rows)
+        x2 = tl.load(R + 2 * r_pad + rows)
+        m_i, l_i = _lse_rows(x0, x1, x2, CC, CCC, CD, CH, POT, CD, 0, 0, c_pad // BLOCK, c_pad, scale, l2e,
+                             inv_eps, False, BLOCK, BLOCK_M, BLOCK_N, FTZ, EXACT, True)
+        soft = -(m_i + tl.log2(l_i)) * inv_scale
+        if write_soft:
+            tl.store(SOFT + rows, soft)
+        if update:
+            prev = tl.load(OUT + rows, cache_modifier=".cg")
+            tl.store(OUT + rows, prev + omega * (lam * soft - prev))
+
+
+@triton.jit
+def _grid_barrier(SYNC, target):
+    """Wait until SYNC reaches target: every program adds 1 per barrier (all must be resident)."""
+    tl.debug_barrier()                                 # this program's stores are issued
+    tl.atomic_add(SYNC, 1, sem="release", scope="gpu")
+    while tl.atomic_add(SYNC, 0, sem="acquire", scope="gpu") < target:
+        pass
+    tl.debug_barrier()
+
+
+@triton.jit
+def _dense_iterations_kernel(X, XC, XX, DX, HX, F, Y, YC, YY, DY, HY, G, FSOFT, SYNC, n_pad, m_pad, k,
+                             scale, l2e, inv_eps, inv_scale, lam, omega, BLOCK: tl.constexpr,
+                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FTZ: tl.constexpr,
+                             EXACT_X: tl.constexpr, EXACT_Y: tl.constexpr):
+    """k relaxed alternating iterations of a dense problem in one launch (`sinkhorn.iterations`):
+    g <- relax(g, lam softmin_y(f)), then f <- relax(f, lam softmin_x(g)), the last f update left
+    undone and its soft-min written to FSOFT. A grid barrier separates the half-iterations."""
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    for it in range(k):
+        _update_rows(Y, m_pad, XC, XX, DX, HX, F, G, G, n_pad, pid, nprog, scale, l2e, inv_eps, inv_scale,
+                     lam, omega, True, False, BLOCK, BLOCK_M, BLOCK_N, FTZ, EXACT_X)
+        _grid_barrier(SYNC, (2 * it + 1) * nprog)
+        _update_rows(X, n_pad, YC, YY, DY, HY, G, F, FSOFT, m_pad, pid, nprog, scale, l2e, inv_eps,
+                     inv_scale, lam, omega, it != k - 1, it == k - 1, BLOCK, BLOCK_M, BLOCK_N, FTZ, EXACT_Y)
+        _grid_barrier(SYNC, (2 * it + 2) * nprog)
 
 
 @triton.jit
@@ -281,6 +342,42 @@ def softmin_triton(x, y, h, eps: float, pairs=None, block: int = 128, exact: boo
     _combine_kernel[(n_pad // block,)](partial[0], partial[1], out, prev, relaxed, n_pad, eps / LOG2E,
                                        lam, omega, SPLIT=split, BLOCK=block, RELAX=relax is not None)
     return out if relax is None else (out, relaxed)
+
+
+PERSISTENT_MAX = 16384  # dense problems up to this many (padded) points a side iterate in one launch
+_PROGRAMS: dict = {}    # device -> programs of a persistent launch (one per multiprocessor)
+
+
+def persistent_fits(n_pad: int, m_pad: int) -> bool:
+    return max(n_pad, m_pad) <= PERSISTENT_MAX
+
+
+def dense_iterations_triton(x, y, hx, hy, f, g, eps: float, lam: float, omega: float, k: int,
+                            block: int, exact: tuple[bool, bool], config=None):
+    """k relaxed alternating iterations, dense, in one launch; (f, g, f_soft) as `sinkhorn.iterations`
+    returns them (f and g are not changed in place). exact: cost forms of the g and the f update
+    (columns x, columns y). config: (BLOCK_M, BLOCK_N, num_warps) overrides the pinned choice.
+
+    The programs wait for each other between half-iterations, so all must be resident at once:
+    one per multiprocessor on the GPU (a second solve on another stream at the same time still
+    fits beside it), and a single program under Triton's interpreter, which runs them in turn."""
+    _check(x, y, hy, block)
+    n_pad, m_pad = x.shape[1], y.shape[1]
+    bm, bn, warps = config or (min(32, block), min(32, block), 4)
+    if x.is_cuda:
+        if x.device not in _PROGRAMS:
+            _PROGRAMS[x.device] = torch.cuda.get_device_properties(x.device).multi_processor_count
+        programs = min(_PROGRAMS[x.device], max(n_pad, m_pad) // bm)
+    else:
+        programs = 1
+    f, g = f.clone(), g.clone()
+    f_soft = torch.empty_like(f)
+    sync = torch.zeros(1, device=x.device, dtype=torch.int32)
+    _dense_iterations_kernel[(programs,)](x, *column_blocks(x, block), hx, f, y, *column_blocks(y, block), hy, g,
+                                          f_soft, sync, n_pad, m_pad, k, LOG2E / eps, LOG2E, 1.0 / eps,
+                                          eps / LOG2E, lam, omega, BLOCK=block, BLOCK_M=bm, BLOCK_N=bn,
+                                          FTZ=x.is_cuda, EXACT_X=exact[0], EXACT_Y=exact[1], num_warps=warps)
+    return f, g, f_soft
 
 
 def barycenter_triton(x, y, h, eps: float, v, pairs=None, block: int = 128):

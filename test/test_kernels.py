@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from ros_ot_fusion.kernels.softmin import (barycenter_torch, barycenter_triton, needs_exact,
-                                           softmin_torch, softmin_triton)
+from ros_ot_fusion.kernels.softmin import (barycenter_torch, barycenter_triton, dense_iterations_triton,
+                                           needs_exact, softmin_torch, softmin_triton)
 from ros_ot_fusion.ot.layout import Layout
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -132,3 +132,42 @@ def test_all_pairs_sparse_equals_dense():
     dense = softmin_triton(x, y, h, 0.05, None, block)
     sparse = softmin_triton(x, y, h, 0.05, everything, block)
     torch.testing.assert_close(sparse, dense, rtol=0, atol=1e-6)
+
+
+def reference_iterations(x, y, lx, ly, f, g, eps, lam, omega, k):
+    """`sinkhorn.iterations` in float64: (f, g, f_soft), the last f update left undone."""
+    f, g = f.double().cpu(), g.double().cpu()
+    for i in range(k):
+        g = g + omega * (lam * reference(y, x, lx + f / eps, eps)[0] - g)
+        soft = reference(x, y, ly + g / eps, eps)[0]
+        if i < k - 1:
+            f = f + omega * (lam * soft - f)
+    return f, g, soft
+
+
+# on the GPU the sizes give every multiprocessor's program one or two row tiles of each side
+SIZES = (3000, 5000) if DEVICE == "cuda" else (150, 230)
+
+
+@pytest.mark.parametrize("exact", [True, False])
+@pytest.mark.parametrize("rho", [None, 0.05])
+def test_dense_iterations_in_one_launch_match_float64(exact, rho):
+    """The persistent kernel (programs waiting for each other between half-iterations) against
+    k float64 iterations; run again, it must give the same bits (a missed wait would not)."""
+    block, eps, omega, k = 64, 1e-2, 1.6, 4
+    lam = 1.0 if rho is None else rho / (rho + eps)
+    (n, m), gen = SIZES, torch.Generator().manual_seed(21)
+    x, _ = laid_out(n, 22, block)
+    y, ly = laid_out(m, 23, block, offset=30.05)
+    lx = torch.full((x.shape[1],), -torch.inf)
+    lx[:n] = -torch.log(torch.tensor(float(n)))
+    lx, wy = lx.to(DEVICE), ly.logw.to(DEVICE)
+    f, g = (0.01 * torch.randn(p.shape[1], generator=gen).to(DEVICE) for p in (x, y))
+    want = reference_iterations(x, y, lx, wy, f, g, eps, lam, omega, k)
+    runs = [dense_iterations_triton(x, y, lx, wy, f, g, eps, lam, omega, k, block, (exact, exact))
+            for _ in range(5 if DEVICE == "cuda" else 1)]
+    for got in runs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(got, runs[0]))
+    for a, b in zip(runs[0], want):
+        err = float((a.double().cpu() - b).abs().max()) / eps
+        assert err < (1e-4 if exact else 1e-3), err

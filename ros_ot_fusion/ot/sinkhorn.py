@@ -27,7 +27,8 @@ from functools import cached_property
 
 import torch
 
-from ros_ot_fusion.kernels.softmin import barycenter, needs_exact, pair_costs, softmin, softmin_triton
+from ros_ot_fusion.kernels.softmin import (barycenter, dense_iterations_triton, needs_exact, pair_costs,
+                                           persistent_fits, softmin, softmin_triton)
 from ros_ot_fusion.ot.layout import Layout
 
 
@@ -148,6 +149,13 @@ def iterations(problem: Problem, f: torch.Tensor, g: torch.Tensor, eps: float, r
     marginal error as a 0-d tensor) with f_soft = softmin_x(g). No host sync: a CUDA graph can
     capture it (see graphed.py)."""
     lam = damping(eps, rho)
+    x, y = problem.x, problem.y
+    if (problem.backend == "triton" and problem.pairs_xy is None and x.block == y.block
+            and persistent_fits(x.n_pad, y.n_pad)):     # small and dense: all k in one launch
+        exact = (needs_exact(x.extent2, eps), needs_exact(y.extent2, eps))
+        f, g, f_soft = dense_iterations_triton(x.pts, y.pts, x.logw, y.logw, f, g, eps, lam, omega, k,
+                                               x.block, exact)
+        return f, g, f_soft, marginal_error(problem, f, f_soft, eps, rho)
     for i in range(k):
         g = problem.relaxed_y(f, g, eps, lam, omega)[1]
         f_soft, f_next = problem.relaxed_x(g, f, eps, lam, omega)
