@@ -181,10 +181,11 @@ def main():
     for n in args.one_launch_sweep:
         x, y = scene(n, n)
         print(f"\n## one-launch iterations at {n}^2, tile configurations (us an iteration, k = 100, 3-FMA)")
-        for cfg in [(16, 32, 4), (32, 32, 4), (32, 64, 4), (32, 32, 8), (32, 64, 8), (32, 128, 8), (64, 32, 8),
-                    (16, 64, 8), (16, 128, 4)]:
+        for cfg in [(32, 32, 4, 1), (32, 32, 4, 4), (32, 32, 8, 4), (32, 32, 8, 8), (32, 32, 16, 8),
+                    (32, 32, 16, 16), (16, 32, 8, 8), (16, 32, 16, 16), (32, 64, 8, 4), (64, 32, 8, 4),
+                    (64, 32, 16, 8)]:
             try:
-                print(f"  BM={cfg[0]:3d} BN={cfg[1]:3d} warps={cfg[2]}: {1e3 * one_launch(x, y, args.eps, cfg=cfg):7.2f}")
+                print(f"  BM={cfg[0]:3d} BN={cfg[1]:3d} warps={cfg[2]:2d} runs={cfg[3]:2d}: {1e3 * one_launch(x, y, args.eps, cfg=cfg):7.2f}")
             except Exception as exc:  # noqa: BLE001 (a config that does not compile)
                 print(f"  {cfg}: failed {type(exc).__name__}: {exc}"[:200])
 

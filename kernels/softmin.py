@@ -92,15 +92,22 @@ def _tile_count(ROW_PTR, pid, m_pad, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
 @triton.jit
 def _lse_rows(x0, x1, x2, YC, YY, D, H, G, COLS, first, lo, hi, m_pad, scale, l2e, inv_eps,
               SPARSE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              FTZ: tl.constexpr, EXACT: tl.constexpr, HAS_G: tl.constexpr):
-    """Running (max, sum) of 2^(h_j - C_ij scale) for the rows (x0, x1, x2), [BLOCK_M, 1] each,
-    over their column blocks lo..hi (the CSR list COLS from `first` when SPARSE). Column
-    log-weights are H, or H + G / eps with HAS_G (log weights and a potential)."""
+              SEG: tl.constexpr, FTZ: tl.constexpr, EXACT: tl.constexpr, HAS_G: tl.constexpr):
+    """(max, sum) of 2^(h_j - C_ij scale), [BLOCK_M, 1] each, for the rows (x0, x1, x2), [1, BLOCK_M, 1]
+    each, over their column blocks lo..hi (of the CSR list COLS from `first` when SPARSE). The
+    blocks are cut into SEG runs walked side by side: independent work for a program's warps.
+    Column log-weights are H, or H + G / eps with HAS_G (log weights and a potential)."""
     n_col_blocks = m_pad // BLOCK
-    m_i = tl.full([BLOCK_M, 1], _NEG, tl.float32)
-    l_i = tl.zeros([BLOCK_M, 1], tl.float32)
-    for t in range(lo, hi):
-        b = tl.load(COLS + first + t) if SPARSE else t
+    steps = tl.cdiv(hi - lo, SEG)
+    start = lo + tl.arange(0, SEG)[:, None, None] * steps
+    m_i = tl.full([SEG, BLOCK_M, 1], _NEG, tl.float32)
+    l_i = tl.zeros([SEG, BLOCK_M, 1], tl.float32)
+    for t in range(0, steps):
+        pos = start + t
+        if SEG > 1:                                   # the last run can be short
+            valid = pos < hi
+            pos = tl.where(valid, pos, lo)
+        b = tl.load(COLS + first + pos) if SPARSE else pos
         e0 = x0 - tl.load(D + b)                      # rows relative to the column block's first point
         e1 = x1 - tl.load(D + n_col_blocks + b)
         e2 = x2 - tl.load(D + 2 * n_col_blocks + b)
@@ -109,7 +116,7 @@ def _lse_rows(x0, x1, x2, YC, YY, D, H, G, COLS, first, lo, hi, m_pad, scale, l2
         a2 = 2.0 * scale * e2
         r = scale * (e0 * e0 + e1 * e1 + e2 * e2)
         for k in tl.static_range(BLOCK // BLOCK_N):
-            cols = b * BLOCK + k * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+            cols = b * BLOCK + k * BLOCK_N + tl.arange(0, BLOCK_N)[None, None, :]
             y0 = tl.load(YC + cols)
             y1 = tl.load(YC + m_pad + cols)
             y2 = tl.load(YC + 2 * m_pad + cols)
@@ -117,6 +124,8 @@ def _lse_rows(x0, x1, x2, YC, YY, D, H, G, COLS, first, lo, hi, m_pad, scale, l2
                 hq = (tl.load(H + cols) + tl.load(G + cols, cache_modifier=".cg") * inv_eps) * l2e
             else:
                 hq = tl.load(H + cols) * l2e
+            if SEG > 1:
+                hq = tl.where(valid, hq, -float("inf"))
             if EXACT:   # u = h - C/eps from exact differences (6 ops a pair)
                 d0 = e0 - y0
                 d1 = e1 - y1
@@ -126,10 +135,13 @@ def _lse_rows(x0, x1, x2, YC, YY, D, H, G, COLS, first, lo, hi, m_pad, scale, l2
             else:       # u - r = h - C/eps with r = |e|^2 scale per row: 3 FMAs a pair
                 u = (hq - scale * tl.load(YY + cols)) + a0 * y0 + a1 * y1 + a2 * y2
                 shift = r
-            m_new = tl.maximum(m_i, tl.max(u, axis=1, keep_dims=True) - shift)
-            l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(_exp2(u - (m_new + shift), FTZ), axis=1, keep_dims=True)
+            m_new = tl.maximum(m_i, tl.max(u, axis=2, keep_dims=True) - shift)
+            l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(_exp2(u - (m_new + shift), FTZ), axis=2, keep_dims=True)
             m_i = m_new
-    return m_i, l_i
+    if SEG == 1:
+        return tl.reshape(m_i, [BLOCK_M, 1]), tl.reshape(l_i, [BLOCK_M, 1])
+    peak = tl.max(m_i, axis=0)
+    return peak, tl.sum(l_i * tl.exp2(m_i - peak[None, :, :]), axis=0)
 
 
 @triton.jit
@@ -140,7 +152,7 @@ def _softmin_kernel(X, YC, YY, D, H, G, M, L, ROW_PTR, COLS, n_pad, m_pad, scale
     """Partial log2-sum-exp2 of one row tile over its share of the column blocks: M (max), L (sum)."""
     pid = tl.program_id(0)
     part = tl.program_id(1)
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)[:, None]
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)[None, :, None]
     x0 = tl.load(X + rows)
     x1 = tl.load(X + n_pad + rows)
     x2 = tl.load(X + 2 * n_pad + rows)
@@ -153,7 +165,8 @@ def _softmin_kernel(X, YC, YY, D, H, G, M, L, ROW_PTR, COLS, n_pad, m_pad, scale
     lo = part * share
     hi = tl.minimum(lo + share, count)
     m_i, l_i = _lse_rows(x0, x1, x2, YC, YY, D, H, G, COLS, first, lo, hi, m_pad, scale, l2e, inv_eps,
-                         SPARSE, BLOCK, BLOCK_M, BLOCK_N, FTZ, EXACT, HAS_G)
+                         SPARSE, BLOCK, BLOCK_M, BLOCK_N, 1, FTZ, EXACT, HAS_G)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)[:, None]
     tl.store(M + part * n_pad + rows, m_i)
     tl.store(L + part * n_pad + rows, l_i)
 
@@ -161,17 +174,18 @@ def _softmin_kernel(X, YC, YY, D, H, G, M, L, ROW_PTR, COLS, n_pad, m_pad, scale
 @triton.jit
 def _update_rows(R, r_pad, CC, CCC, CD, CH, POT, OUT, SOFT, c_pad, pid, nprog, scale, l2e, inv_eps,
                  inv_scale, lam, omega, update, write_soft, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
-                 BLOCK_N: tl.constexpr, FTZ: tl.constexpr, EXACT: tl.constexpr):
+                 BLOCK_N: tl.constexpr, SEG: tl.constexpr, FTZ: tl.constexpr, EXACT: tl.constexpr):
     """One half-iteration, this program's row tiles: soft = softmin over all columns (weights
     CH + POT / eps); SOFT <- soft if write_soft; OUT <- OUT + omega (lam soft - OUT) if update."""
     for tile in range(pid, r_pad // BLOCK_M, nprog):
-        rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)[:, None]
+        rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)[None, :, None]
         x0 = tl.load(R + rows)
         x1 = tl.load(R + r_pad + rows)
         x2 = tl.load(R + 2 * r_pad + rows)
         m_i, l_i = _lse_rows(x0, x1, x2, CC, CCC, CD, CH, POT, CD, 0, 0, c_pad // BLOCK, c_pad, scale, l2e,
-                             inv_eps, False, BLOCK, BLOCK_M, BLOCK_N, FTZ, EXACT, True)
+                             inv_eps, False, BLOCK, BLOCK_M, BLOCK_N, SEG, FTZ, EXACT, True)
         soft = -(m_i + tl.log2(l_i)) * inv_scale
+        rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)[:, None]
         if write_soft:
             tl.store(SOFT + rows, soft)
         if update:
@@ -184,16 +198,17 @@ def _grid_barrier(SYNC, target):
     """Wait until SYNC reaches target: every program adds 1 per barrier (all must be resident)."""
     tl.debug_barrier()                                 # this program's stores are issued
     tl.atomic_add(SYNC, 1, sem="release", scope="gpu")
-    while tl.atomic_add(SYNC, 0, sem="acquire", scope="gpu") < target:
+    while tl.load(SYNC, volatile=True) < target:       # spin on loads: atomics would queue
         pass
+    tl.atomic_add(SYNC, 0, sem="acquire", scope="gpu")
     tl.debug_barrier()
 
 
 @triton.jit
 def _dense_iterations_kernel(X, XC, XX, DX, HX, F, Y, YC, YY, DY, HY, G, FSOFT, SYNC, n_pad, m_pad, k,
                              scale, l2e, inv_eps, inv_scale, lam, omega, BLOCK: tl.constexpr,
-                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FTZ: tl.constexpr,
-                             EXACT_X: tl.constexpr, EXACT_Y: tl.constexpr):
+                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SEG: tl.constexpr,
+                             FTZ: tl.constexpr, EXACT_X: tl.constexpr, EXACT_Y: tl.constexpr):
     """k relaxed alternating iterations of a dense problem in one launch (`sinkhorn.iterations`):
     g <- relax(g, lam softmin_y(f)), then f <- relax(f, lam softmin_x(g)), the last f update left
     undone and its soft-min written to FSOFT. A grid barrier separates the half-iterations."""
@@ -201,10 +216,10 @@ def _dense_iterations_kernel(X, XC, XX, DX, HX, F, Y, YC, YY, DY, HY, G, FSOFT, 
     nprog = tl.num_programs(0)
     for it in range(k):
         _update_rows(Y, m_pad, XC, XX, DX, HX, F, G, G, n_pad, pid, nprog, scale, l2e, inv_eps, inv_scale,
-                     lam, omega, True, False, BLOCK, BLOCK_M, BLOCK_N, FTZ, EXACT_X)
+                     lam, omega, True, False, BLOCK, BLOCK_M, BLOCK_N, SEG, FTZ, EXACT_X)
         _grid_barrier(SYNC, (2 * it + 1) * nprog)
         _update_rows(X, n_pad, YC, YY, DY, HY, G, F, FSOFT, m_pad, pid, nprog, scale, l2e, inv_eps,
-                     inv_scale, lam, omega, it != k - 1, it == k - 1, BLOCK, BLOCK_M, BLOCK_N, FTZ, EXACT_Y)
+                     inv_scale, lam, omega, it != k - 1, it == k - 1, BLOCK, BLOCK_M, BLOCK_N, SEG, FTZ, EXACT_Y)
         _grid_barrier(SYNC, (2 * it + 2) * nprog)
 
 
@@ -356,14 +371,14 @@ def dense_iterations_triton(x, y, hx, hy, f, g, eps: float, lam: float, omega: f
                             block: int, exact: tuple[bool, bool], config=None):
     """k relaxed alternating iterations, dense, in one launch; (f, g, f_soft) as `sinkhorn.iterations`
     returns them (f and g are not changed in place). exact: cost forms of the g and the f update
-    (columns x, columns y). config: (BLOCK_M, BLOCK_N, num_warps) overrides the pinned choice.
+    (columns x, columns y). config: (BLOCK_M, BLOCK_N, num_warps, SEG) overrides the pinned choice.
 
     The programs wait for each other between half-iterations, so all must be resident at once:
     one per multiprocessor on the GPU (a second solve on another stream at the same time still
     fits beside it), and a single program under Triton's interpreter, which runs them in turn."""
     _check(x, y, hy, block)
     n_pad, m_pad = x.shape[1], y.shape[1]
-    bm, bn, warps = config or (min(32, block), min(32, block), 4)
+    bm, bn, warps, seg = config or (min(32, block), min(32, block), 8, 4)
     if x.is_cuda:
         if x.device not in _PROGRAMS:
             _PROGRAMS[x.device] = torch.cuda.get_device_properties(x.device).multi_processor_count
@@ -375,7 +390,7 @@ def dense_iterations_triton(x, y, hx, hy, f, g, eps: float, lam: float, omega: f
     sync = torch.zeros(1, device=x.device, dtype=torch.int32)
     _dense_iterations_kernel[(programs,)](x, *column_blocks(x, block), hx, f, y, *column_blocks(y, block), hy, g,
                                           f_soft, sync, n_pad, m_pad, k, LOG2E / eps, LOG2E, 1.0 / eps,
-                                          eps / LOG2E, lam, omega, BLOCK=block, BLOCK_M=bm, BLOCK_N=bn,
+                                          eps / LOG2E, lam, omega, BLOCK=block, BLOCK_M=bm, BLOCK_N=bn, SEG=seg,
                                           FTZ=x.is_cuda, EXACT_X=exact[0], EXACT_Y=exact[1], num_warps=warps)
     return f, g, f_soft
 
