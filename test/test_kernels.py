@@ -136,7 +136,7 @@ def test_all_pairs_sparse_equals_dense():
 
 def reference_iterations(x, y, lx, ly, f, g, eps, lam, omega, k):
     """`sinkhorn.iterations` in float64: (f, g, f_soft), the last f update left undone."""
-    f, g = f.double().cpu(), g.double().cpu()
+    f, g, lx, ly = (t.double().cpu() for t in (f, g, lx, ly))
     for i in range(k):
         g = g + omega * (lam * reference(y, x, lx + f / eps, eps)[0] - g)
         soft = reference(x, y, ly + g / eps, eps)[0]
