@@ -90,18 +90,24 @@ def _tile_count(ROW_PTR, pid, m_pad, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
 
 
 @triton.jit
-def _lse_rows(x0, x1, x2, YC, YY, D, H, G, COLS, first, lo, hi, m_pad, scale, l2e, inv_eps,
+def _lse_rows(x0, x1, x2, YC, YY, D, H, G, COLS, first, lo, hi, m_pad, scale, l2e, inv_eps, fixed,
               SPARSE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              SEG: tl.constexpr, FTZ: tl.constexpr, EXACT: tl.constexpr, HAS_G: tl.constexpr):
+              SEG: tl.constexpr, FTZ: tl.constexpr, EXACT: tl.constexpr, HAS_G: tl.constexpr,
+              FIXED: tl.constexpr):
     """(max, sum) of 2^(h_j - C_ij scale), [BLOCK_M, 1] each, for the rows (x0, x1, x2), [1, BLOCK_M, 1]
     each, over their column blocks lo..hi (of the CSR list COLS from `first` when SPARSE). The
     blocks are cut into SEG runs walked side by side: independent work for a program's warps.
-    Column log-weights are H, or H + G / eps with HAS_G (log weights and a potential)."""
+    Column log-weights are H, or H + G / eps with HAS_G (log weights and a potential).
+
+    FIXED: no running maximum; the terms are scaled by 2^-fixed, `fixed` ([1, BLOCK_M, 1]) being
+    a guess of the result (the last iteration's), and returned as the "max". No reductions in
+    the loop, so its steps are independent; a caller checks that the sum stayed in range."""
     n_col_blocks = m_pad // BLOCK
     steps = tl.cdiv(hi - lo, SEG)
     start = lo + tl.arange(0, SEG)[:, None, None] * steps
     m_i = tl.full([SEG, BLOCK_M, 1], _NEG, tl.float32)
     l_i = tl.zeros([SEG, BLOCK_M, 1], tl.float32)
+    acc = tl.zeros([SEG, BLOCK_M, BLOCK_N], tl.float32)
     for t in range(0, steps):
         pos = start + t
         if SEG > 1:                                   # the last run can be short
@@ -135,9 +141,14 @@ def _lse_rows(x0, x1, x2, YC, YY, D, H, G, COLS, first, lo, hi, m_pad, scale, l2
             else:       # u - r = h - C/eps with r = |e|^2 scale per row: 3 FMAs a pair
                 u = (hq - scale * tl.load(YY + cols)) + a0 * y0 + a1 * y1 + a2 * y2
                 shift = r
-            m_new = tl.maximum(m_i, tl.max(u, axis=2, keep_dims=True) - shift)
-            l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(_exp2(u - (m_new + shift), FTZ), axis=2, keep_dims=True)
-            m_i = m_new
+            if FIXED:
+                acc += _exp2(u - (shift + fixed), FTZ)
+            else:
+                m_new = tl.maximum(m_i, tl.max(u, axis=2, keep_dims=True) - shift)
+                l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(_exp2(u - (m_new + shift), FTZ), axis=2, keep_dims=True)
+                m_i = m_new
+    if FIXED:
+        return tl.reshape(fixed, [BLOCK_M, 1]), tl.sum(tl.sum(acc, axis=2), axis=0)[:, None]
     if SEG == 1:
         return tl.reshape(m_i, [BLOCK_M, 1]), tl.reshape(l_i, [BLOCK_M, 1])
     peak = tl.max(m_i, axis=0)
@@ -164,28 +175,40 @@ def _softmin_kernel(X, YC, YY, D, H, G, M, L, ROW_PTR, COLS, n_pad, m_pad, scale
     share = tl.cdiv(count, SPLIT)
     lo = part * share
     hi = tl.minimum(lo + share, count)
-    m_i, l_i = _lse_rows(x0, x1, x2, YC, YY, D, H, G, COLS, first, lo, hi, m_pad, scale, l2e, inv_eps,
-                         SPARSE, BLOCK, BLOCK_M, BLOCK_N, 1, FTZ, EXACT, HAS_G)
+    m_i, l_i = _lse_rows(x0, x1, x2, YC, YY, D, H, G, COLS, first, lo, hi, m_pad, scale, l2e, inv_eps, 0.0,
+                         SPARSE, BLOCK, BLOCK_M, BLOCK_N, 1, FTZ, EXACT, HAS_G, False)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)[:, None]
     tl.store(M + part * n_pad + rows, m_i)
     tl.store(L + part * n_pad + rows, l_i)
 
 
 @triton.jit
-def _update_rows(R, r_pad, CC, CCC, CD, CH, POT, OUT, SOFT, c_pad, pid, nprog, scale, l2e, inv_eps,
-                 inv_scale, lam, omega, update, write_soft, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
+def _update_rows(R, r_pad, CC, CCC, CD, CH, POT, OUT, SOFT, LSE, c_pad, pid, nprog, scale, l2e, inv_eps,
+                 inv_scale, lam, omega, update, write_soft, guess, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr, SEG: tl.constexpr, FTZ: tl.constexpr, EXACT: tl.constexpr):
     """One half-iteration, this program's row tiles: soft = softmin over all columns (weights
-    CH + POT / eps); SOFT <- soft if write_soft; OUT <- OUT + omega (lam soft - OUT) if update."""
+    CH + POT / eps); SOFT <- soft if write_soft; OUT <- OUT + omega (lam soft - OUT) if update.
+    LSE keeps each row's log2-sum: with `guess`, the sums are scaled by the last one instead of
+    a running maximum (see _lse_rows), and a tile whose sums left [2^-100, 2^100] is redone."""
     for tile in range(pid, r_pad // BLOCK_M, nprog):
         rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)[None, :, None]
         x0 = tl.load(R + rows)
         x1 = tl.load(R + r_pad + rows)
         x2 = tl.load(R + 2 * r_pad + rows)
-        m_i, l_i = _lse_rows(x0, x1, x2, CC, CCC, CD, CH, POT, CD, 0, 0, c_pad // BLOCK, c_pad, scale, l2e,
-                             inv_eps, False, BLOCK, BLOCK_M, BLOCK_N, SEG, FTZ, EXACT, True)
-        soft = -(m_i + tl.log2(l_i)) * inv_scale
+        redo = True
+        if guess:
+            last = tl.load(LSE + rows, cache_modifier=".cg")
+            m_i, l_i = _lse_rows(x0, x1, x2, CC, CCC, CD, CH, POT, CD, 0, 0, c_pad // BLOCK, c_pad, scale, l2e,
+                                 inv_eps, last, False, BLOCK, BLOCK_M, BLOCK_N, SEG, FTZ, EXACT, True, True)
+            inside = (l_i > 7.9e-31) & (l_i < 1.27e30)           # 2^-100, 2^100 (NaN is outside)
+            redo = tl.min(inside.to(tl.int32)) == 0
+        if redo:
+            m_i, l_i = _lse_rows(x0, x1, x2, CC, CCC, CD, CH, POT, CD, 0, 0, c_pad // BLOCK, c_pad, scale, l2e,
+                                 inv_eps, 0.0, False, BLOCK, BLOCK_M, BLOCK_N, SEG, FTZ, EXACT, True, False)
+        lse = m_i + tl.log2(l_i)
         rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)[:, None]
+        tl.store(LSE + rows, lse)
+        soft = -lse * inv_scale
         if write_soft:
             tl.store(SOFT + rows, soft)
         if update:
@@ -205,21 +228,24 @@ def _grid_barrier(SYNC, target):
 
 
 @triton.jit
-def _dense_iterations_kernel(X, XC, XX, DX, HX, F, Y, YC, YY, DY, HY, G, FSOFT, SYNC, n_pad, m_pad, k,
+def _dense_iterations_kernel(X, XC, XX, DX, HX, F, Y, YC, YY, DY, HY, G, FSOFT, LSE_X, LSE_Y, SYNC, n_pad, m_pad, k,
                              scale, l2e, inv_eps, inv_scale, lam, omega, BLOCK: tl.constexpr,
                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SEG: tl.constexpr,
-                             FTZ: tl.constexpr, EXACT_X: tl.constexpr, EXACT_Y: tl.constexpr):
+                             FTZ: tl.constexpr, EXACT_X: tl.constexpr, EXACT_Y: tl.constexpr,
+                             GUESS: tl.constexpr):
     """k relaxed alternating iterations of a dense problem in one launch (`sinkhorn.iterations`):
     g <- relax(g, lam softmin_y(f)), then f <- relax(f, lam softmin_x(g)), the last f update left
-    undone and its soft-min written to FSOFT. A grid barrier separates the half-iterations."""
+    undone and its soft-min written to FSOFT. A grid barrier separates the half-iterations.
+    GUESS: after the first iteration, scale the sums by the last iteration's (see _update_rows)."""
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     for it in range(k):
-        _update_rows(Y, m_pad, XC, XX, DX, HX, F, G, G, n_pad, pid, nprog, scale, l2e, inv_eps, inv_scale,
-                     lam, omega, True, False, BLOCK, BLOCK_M, BLOCK_N, SEG, FTZ, EXACT_X)
+        _update_rows(Y, m_pad, XC, XX, DX, HX, F, G, G, LSE_Y, n_pad, pid, nprog, scale, l2e, inv_eps, inv_scale,
+                     lam, omega, True, False, GUESS and it > 0, BLOCK, BLOCK_M, BLOCK_N, SEG, FTZ, EXACT_X)
         _grid_barrier(SYNC, (2 * it + 1) * nprog)
-        _update_rows(X, n_pad, YC, YY, DY, HY, G, F, FSOFT, m_pad, pid, nprog, scale, l2e, inv_eps,
-                     inv_scale, lam, omega, it != k - 1, it == k - 1, BLOCK, BLOCK_M, BLOCK_N, SEG, FTZ, EXACT_Y)
+        _update_rows(X, n_pad, YC, YY, DY, HY, G, F, FSOFT, LSE_X, m_pad, pid, nprog, scale, l2e, inv_eps,
+                     inv_scale, lam, omega, it != k - 1, it == k - 1, GUESS and it > 0, BLOCK, BLOCK_M, BLOCK_N,
+                     SEG, FTZ, EXACT_Y)
         _grid_barrier(SYNC, (2 * it + 2) * nprog)
 
 
@@ -371,14 +397,14 @@ def dense_iterations_triton(x, y, hx, hy, f, g, eps: float, lam: float, omega: f
                             block: int, exact: tuple[bool, bool], config=None):
     """k relaxed alternating iterations, dense, in one launch; (f, g, f_soft) as `sinkhorn.iterations`
     returns them (f and g are not changed in place). exact: cost forms of the g and the f update
-    (columns x, columns y). config: (BLOCK_M, BLOCK_N, num_warps, SEG) overrides the pinned choice.
+    (columns x, columns y). config: (BLOCK_M, BLOCK_N, num_warps, SEG, GUESS) overrides the pinned choice.
 
     The programs wait for each other between half-iterations, so all must be resident at once:
     one per multiprocessor on the GPU (a second solve on another stream at the same time still
     fits beside it), and a single program under Triton's interpreter, which runs them in turn."""
     _check(x, y, hy, block)
     n_pad, m_pad = x.shape[1], y.shape[1]
-    bm, bn, warps, seg = config or (min(32, block), min(32, block), 8, 4)
+    bm, bn, warps, seg, guess = config or (min(32, block), min(32, block), 8, 4, True)
     if x.is_cuda:
         if x.device not in _PROGRAMS:
             _PROGRAMS[x.device] = torch.cuda.get_device_properties(x.device).multi_processor_count
@@ -386,12 +412,12 @@ def dense_iterations_triton(x, y, hx, hy, f, g, eps: float, lam: float, omega: f
     else:
         programs = 1
     f, g = f.clone(), g.clone()
-    f_soft = torch.empty_like(f)
+    f_soft, lse_x, lse_y = torch.empty_like(f), torch.empty_like(f), torch.empty_like(g)
     sync = torch.zeros(1, device=x.device, dtype=torch.int32)
     _dense_iterations_kernel[(programs,)](x, *column_blocks(x, block), hx, f, y, *column_blocks(y, block), hy, g,
-                                          f_soft, sync, n_pad, m_pad, k, LOG2E / eps, LOG2E, 1.0 / eps,
+                                          f_soft, lse_x, lse_y, sync, n_pad, m_pad, k, LOG2E / eps, LOG2E, 1.0 / eps,
                                           eps / LOG2E, lam, omega, BLOCK=block, BLOCK_M=bm, BLOCK_N=bn, SEG=seg,
-                                          FTZ=x.is_cuda, EXACT_X=exact[0], EXACT_Y=exact[1], num_warps=warps)
+                                          FTZ=x.is_cuda, EXACT_X=exact[0], EXACT_Y=exact[1], GUESS=guess, num_warps=warps)
     return f, g, f_soft
 
 

@@ -150,10 +150,12 @@ SIZES = (3000, 5000) if DEVICE == "cuda" else (150, 230)
 
 
 @pytest.mark.parametrize("exact", [True, False])
-@pytest.mark.parametrize("rho", [None, 0.05])
-def test_dense_iterations_in_one_launch_match_float64(exact, rho):
+@pytest.mark.parametrize("rho, start", [(None, 0.01), (0.05, 0.01), (None, 2.0)])
+def test_dense_iterations_in_one_launch_match_float64(exact, rho, start):
     """The persistent kernel (programs waiting for each other between half-iterations) against
-    k float64 iterations; run again, it must give the same bits (a missed wait would not)."""
+    k float64 iterations; run again, it must give the same bits (a missed wait would not).
+    Potentials starting 200 eps off move so far that the sums scaled by the last iteration's
+    leave their range: those tiles must be redone with a running maximum."""
     block, eps, omega, k = 64, 1e-2, 1.6, 4
     lam = 1.0 if rho is None else rho / (rho + eps)
     (n, m), gen = SIZES, torch.Generator().manual_seed(21)
@@ -162,7 +164,7 @@ def test_dense_iterations_in_one_launch_match_float64(exact, rho):
     lx = torch.full((x.shape[1],), -torch.inf)
     lx[:n] = -torch.log(torch.tensor(float(n)))
     lx, wy = lx.to(DEVICE), ly.logw.to(DEVICE)
-    f, g = (0.01 * torch.randn(p.shape[1], generator=gen).to(DEVICE) for p in (x, y))
+    f, g = (start * torch.randn(p.shape[1], generator=gen).to(DEVICE) for p in (x, y))
     want = reference_iterations(x, y, lx, wy, f, g, eps, lam, omega, k)
     runs = [dense_iterations_triton(x, y, lx, wy, f, g, eps, lam, omega, k, block, (exact, exact))
             for _ in range(5 if DEVICE == "cuda" else 1)]
@@ -170,4 +172,5 @@ def test_dense_iterations_in_one_launch_match_float64(exact, rho):
         assert all(torch.equal(a, b) for a, b in zip(got, runs[0]))
     for a, b in zip(runs[0], want):
         err = float((a.double().cpu() - b).abs().max()) / eps
-        assert err < (1e-4 if exact else 1e-3), err
+        # float32 potentials of 1000 eps (the far start) carry ~1e-3 eps of rounding
+        assert err < (1e-4 if exact else 1e-3) + 4e-6 * float(b.abs().max()) / eps, err
