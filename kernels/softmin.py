@@ -195,14 +195,16 @@ def _update_rows(R, r_pad, CC, CCC, CD, CH, POT, OUT, SOFT, LSE, c_pad, pid, npr
         x0 = tl.load(R + rows)
         x1 = tl.load(R + r_pad + rows)
         x2 = tl.load(R + 2 * r_pad + rows)
-        redo = True
+        m_i = tl.zeros([BLOCK_M, 1], tl.float32)
+        l_i = tl.zeros([BLOCK_M, 1], tl.float32)
+        redo = 1
         if guess:
             last = tl.load(LSE + rows, cache_modifier=".cg")
             m_i, l_i = _lse_rows(x0, x1, x2, CC, CCC, CD, CH, POT, CD, 0, 0, c_pad // BLOCK, c_pad, scale, l2e,
                                  inv_eps, last, False, BLOCK, BLOCK_M, BLOCK_N, SEG, FTZ, EXACT, True, True)
             inside = (l_i > 7.9e-31) & (l_i < 1.27e30)           # 2^-100, 2^100 (NaN is outside)
-            redo = tl.min(inside.to(tl.int32)) == 0
-        if redo:
+            redo = 1 - tl.min(inside.to(tl.int32))
+        if redo != 0:
             m_i, l_i = _lse_rows(x0, x1, x2, CC, CCC, CD, CH, POT, CD, 0, 0, c_pad // BLOCK, c_pad, scale, l2e,
                                  inv_eps, 0.0, False, BLOCK, BLOCK_M, BLOCK_N, SEG, FTZ, EXACT, True, False)
         lse = m_i + tl.log2(l_i)
