@@ -406,7 +406,7 @@ def dense_iterations_triton(x, y, hx, hy, f, g, eps: float, lam: float, omega: f
     fits beside it), and a single program under Triton's interpreter, which runs them in turn."""
     _check(x, y, hy, block)
     n_pad, m_pad = x.shape[1], y.shape[1]
-    bm, bn, warps, seg, guess = config or (min(32, block), min(32, block), 8, 4, True)
+    bm, bn, warps, seg, guess = config or (min(32, block), min(32, block), 8, 8, True)
     if x.is_cuda:
         if x.device not in _PROGRAMS:
             _PROGRAMS[x.device] = torch.cuda.get_device_properties(x.device).multi_processor_count
