@@ -239,8 +239,8 @@ def _grid_barrier(SYNC, target):
 
 
 @triton.jit
-def _dense_iterations_kernel(X, XC, XX, DX, HX, F, Y, YC, YY, DY, HY, G, FSOFT, LSE_X, LSE_Y, SYNC, n_pad, m_pad, k,
-                             scale, l2e, inv_eps, inv_scale, lam, omega, BLOCK: tl.constexpr,
+def _dense_iterations_kernel(X, XC, XX, DX, HX, F, Y, YC, YY, DY, HY, G, FSOFT, LSE_X, LSE_Y, SYNC,
+                             n_pad, m_pad, k, scale, l2e, inv_eps, inv_scale, lam, omega, BLOCK: tl.constexpr,
                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SEG: tl.constexpr,
                              FTZ: tl.constexpr, EXACT_X: tl.constexpr, EXACT_Y: tl.constexpr,
                              GUESS: tl.constexpr):
@@ -251,8 +251,9 @@ def _dense_iterations_kernel(X, XC, XX, DX, HX, F, Y, YC, YY, DY, HY, G, FSOFT, 
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     for it in range(k):
-        _update_rows(Y, m_pad, XC, XX, DX, HX, F, G, G, LSE_Y, n_pad, pid, nprog, scale, l2e, inv_eps, inv_scale,
-                     lam, omega, True, False, GUESS and it > 0, BLOCK, BLOCK_M, BLOCK_N, SEG, FTZ, EXACT_X)
+        _update_rows(Y, m_pad, XC, XX, DX, HX, F, G, G, LSE_Y, n_pad, pid, nprog, scale, l2e, inv_eps,
+                     inv_scale, lam, omega, True, False, GUESS and it > 0, BLOCK, BLOCK_M, BLOCK_N, SEG, FTZ,
+                     EXACT_X)
         _grid_barrier(SYNC, (2 * it + 1) * nprog)
         _update_rows(X, n_pad, YC, YY, DY, HY, G, F, FSOFT, LSE_X, m_pad, pid, nprog, scale, l2e, inv_eps,
                      inv_scale, lam, omega, it != k - 1, it == k - 1, GUESS and it > 0, BLOCK, BLOCK_M, BLOCK_N,
@@ -396,7 +397,7 @@ def softmin_triton(x, y, h, eps: float, pairs=None, block: int = 128, exact: boo
     return out if relax is None else (out, relaxed)
 
 
-PERSISTENT_MAX = 65536  # dense problems up to this many (padded) points a side iterate in one launch (measured to 65536)
+PERSISTENT_MAX = 65536  # dense problems up to this many (padded) points a side iterate in one launch
 _PROGRAMS: dict = {}    # device -> programs of a persistent launch (one per multiprocessor)
 
 
@@ -408,13 +409,15 @@ def dense_iterations_triton(x, y, hx, hy, f, g, eps: float, lam: float, omega: f
                             block: int, exact: tuple[bool, bool], config=None):
     """k relaxed alternating iterations, dense, in one launch; (f, g, f_soft) as `sinkhorn.iterations`
     returns them (f and g are not changed in place). exact: cost forms of the g and the f update
-    (columns x, columns y). config: (BLOCK_M, BLOCK_N, num_warps, SEG, GUESS) overrides the pinned choice.
+    (columns x, columns y). config: (BLOCK_M, BLOCK_N, num_warps, SEG, GUESS) overrides the pinned
+    choice (bench/bench_softmin.py --one-launch-sweep; bench/RESULTS.md).
 
     The programs wait for each other between half-iterations, so all must be resident at once:
     one per multiprocessor on the GPU, and a single program under Triton's interpreter, which
-    runs them in turn. A program takes a whole multiprocessor's registers (255 a thread), so two
-    of these launches running at once on two streams could each hold SMs the other waits for:
-    solve from one thread, or one stream, at a time (as the node does)."""
+    runs them in turn. A program takes a whole multiprocessor's registers (ptxas: 255 a thread,
+    some spilled, in the default configuration), so two of these launches running at once on
+    two streams could each hold SMs the other waits for: solve from one thread, or one stream,
+    at a time (as the node does)."""
     _check(x, y, hy, block)
     n_pad, m_pad = x.shape[1], y.shape[1]
     bm, bn, warps, seg, guess = config or (min(32, block), min(32, block), 8, 8, True)
@@ -427,10 +430,11 @@ def dense_iterations_triton(x, y, hx, hy, f, g, eps: float, lam: float, omega: f
     f, g = f.clone(), g.clone()
     f_soft, lse_x, lse_y = torch.empty_like(f), torch.empty_like(f), torch.empty_like(g)
     sync = torch.zeros(1, device=x.device, dtype=torch.int32)
-    _dense_iterations_kernel[(programs,)](x, *column_blocks(x, block), hx, f, y, *column_blocks(y, block), hy, g,
-                                          f_soft, lse_x, lse_y, sync, n_pad, m_pad, k, LOG2E / eps, LOG2E, 1.0 / eps,
-                                          eps / LOG2E, lam, omega, BLOCK=block, BLOCK_M=bm, BLOCK_N=bn, SEG=seg,
-                                          FTZ=x.is_cuda, EXACT_X=exact[0], EXACT_Y=exact[1], GUESS=guess, num_warps=warps)
+    _dense_iterations_kernel[(programs,)](x, *column_blocks(x, block), hx, f, y, *column_blocks(y, block), hy,
+                                          g, f_soft, lse_x, lse_y, sync, n_pad, m_pad, k, LOG2E / eps, LOG2E,
+                                          1.0 / eps, eps / LOG2E, lam, omega, BLOCK=block, BLOCK_M=bm,
+                                          BLOCK_N=bn, SEG=seg, FTZ=x.is_cuda, EXACT_X=exact[0],
+                                          EXACT_Y=exact[1], GUESS=guess, num_warps=warps)
     return f, g, f_soft
 
 

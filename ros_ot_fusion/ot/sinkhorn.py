@@ -151,7 +151,7 @@ def iterations(problem: Problem, f: torch.Tensor, g: torch.Tensor, eps: float, r
     lam = damping(eps, rho)
     x, y = problem.x, problem.y
     if (problem.backend == "triton" and problem.pairs_xy is None and x.block == y.block
-            and persistent_fits(x.n_pad, y.n_pad)):     # small and dense: all k in one launch
+            and persistent_fits(x.n_pad, y.n_pad)):     # dense: all k iterations in one launch
         exact = (needs_exact(x.extent2, eps), needs_exact(y.extent2, eps))
         f, g, f_soft = dense_iterations_triton(x.pts, y.pts, x.logw, y.logw, f, g, eps, lam, omega, k,
                                                x.block, exact)
