@@ -18,7 +18,6 @@ from collections import OrderedDict
 
 import torch
 
-from ros_ot_fusion.kernels.softmin import needs_exact
 from ros_ot_fusion.ot.layout import Layout
 from ros_ot_fusion.ot.sinkhorn import Problem, iterations
 
@@ -109,7 +108,7 @@ def graphed_iterations(problem, f, g, eps: float, rho: float | None, omega: floa
         return iterations(problem, f, g, eps, rho, omega, k)
     cap = lambda n: -(-n // CAPACITY) * CAPACITY  # noqa: E731
     n_cap, m_cap = cap(problem.x.n_pad), cap(problem.y.n_pad)
-    exact = (needs_exact(problem.x.extent2, eps), needs_exact(problem.y.extent2, eps))
+    exact = problem.cost_forms(eps)
     key = (problem.x.device, n_cap, m_cap, problem.x.block, problem.y.block, eps, rho, omega, k, exact)
     with _LOCK:
         graph = _GRAPHS.get(key)

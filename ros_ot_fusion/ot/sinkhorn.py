@@ -77,6 +77,11 @@ class Problem:
             self.__dict__[name] = pair_costs(a.pts, b.pts, pairs, a.block)
         return self.__dict__[name]
 
+    def cost_forms(self, eps: float) -> tuple[bool, bool]:
+        """Whether the soft-mins over x (the g update) and over y (the f update) need the exact
+        cost form at this eps (kernels.softmin.needs_exact, from the column blocks' extents)."""
+        return needs_exact(self.x.extent2, eps), needs_exact(self.y.extent2, eps)
+
     def softmin_x(self, g: torch.Tensor, eps: float) -> torch.Tensor:
         """softmin over j of (C_ij - g_j - eps log b_j), for every x_i (padded)."""
         return softmin(self.x.pts, self.y.pts, self.y.logw + g / eps, eps, self.pairs_xy,
@@ -152,9 +157,8 @@ def iterations(problem: Problem, f: torch.Tensor, g: torch.Tensor, eps: float, r
     x, y = problem.x, problem.y
     if (problem.backend == "triton" and problem.pairs_xy is None and x.block == y.block
             and persistent_fits(x.n_pad, y.n_pad)):     # dense: all k iterations in one launch
-        exact = (needs_exact(x.extent2, eps), needs_exact(y.extent2, eps))
         f, g, f_soft = dense_iterations_triton(x.pts, y.pts, x.logw, y.logw, f, g, eps, lam, omega, k,
-                                               x.block, exact)
+                                               x.block, problem.cost_forms(eps))
         return f, g, f_soft, marginal_error(problem, f, f_soft, eps, rho)
     for i in range(k):
         g = problem.relaxed_y(f, g, eps, lam, omega)[1]
