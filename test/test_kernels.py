@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from ros_ot_fusion.kernels.lists import select_torch, select_triton, softmin_lists_torch, softmin_lists_triton
 from ros_ot_fusion.kernels.softmin import (barycenter_torch, barycenter_triton, dense_iterations_triton,
                                            needs_exact, softmin_torch, softmin_triton)
 from ros_ot_fusion.ot.layout import Layout
@@ -174,3 +175,79 @@ def test_dense_iterations_in_one_launch_match_float64(exact, rho, start):
         err = float((a.double().cpu() - b).abs().max()) / eps
         # float32 potentials of 1000 eps (the far start) carry ~1e-3 eps of rounding
         assert err < (1e-4 if exact else 1e-3) + 4e-6 * float(b.abs().max()) / eps, err
+
+
+def transpose(pairs, nb, mb):
+    row_ptr, cols = (t.cpu().long() for t in pairs)
+    keep = torch.zeros(nb, mb, dtype=torch.bool)
+    for i in range(nb):
+        keep[i, cols[row_ptr[i]:row_ptr[i + 1]]] = True
+    r, c = keep.t().nonzero(as_tuple=True)
+    ptr = torch.zeros(mb + 1, dtype=torch.int32)
+    ptr[1:] = torch.cumsum(torch.bincount(r, minlength=mb), 0)
+    return ptr.to(DEVICE), c.int().to(DEVICE)
+
+
+def point_lists_case(seed, eps):
+    """Rows x, columns y (32-point blocks), weights with padding, random block pairs both ways."""
+    block = 32
+    x, _ = laid_out(160, seed, block, spread=0.3)
+    y, _ = laid_out(224, seed + 1, block, spread=0.3)
+    gen = torch.Generator().manual_seed(seed + 2)
+    logw_x, logw_y = (torch.log(torch.rand(k, generator=gen) + 0.1).to(DEVICE) for k in (160, 224))
+    logw_x[-3:], logw_y[-5:] = -torch.inf, -torch.inf
+    f, g = (0.01 * torch.randn(k, generator=gen).to(DEVICE) for k in (160, 224))
+    pairs = random_pairs(5, 7, seed + 3)
+    return block, x, y, logw_x, logw_y, f, g, pairs, transpose(pairs, 5, 7)
+
+
+@pytest.mark.parametrize("tau", [4.0, 12.0])
+def test_point_lists_keep_the_entries_near_their_rows_or_columns_largest(tau):
+    """Within the block pairs, an entry is kept exactly when it is within tau of its row's largest
+    term or of its column's (float64 decides, up to float32 rounding at the threshold); the two
+    groupings hold one set; both backends."""
+    eps = 2e-3
+    block, x, y, logw_x, logw_y, f, g, pairs, pairs_t = point_lists_case(20, eps)
+    hx, hy = logw_x + f / eps, logw_y + g / eps
+    _, s = reference(x, y, hy, eps, pairs, block)
+    _, t = reference(y, x, hx, eps, pairs_t, block)
+    t = t.t()
+    def near(v, bound, dim):
+        return v >= v.max(dim, keepdim=True).values - tau + bound
+    must = near(s, 1e-3, 1) | near(t, 1e-3, 0)
+    may = near(s, -1e-3, 1) | near(t, -1e-3, 0)
+    for fn in (select_triton, select_torch):
+        by_row, by_col = fn(x, y, hx, hy, eps, pairs, pairs_t, block, tau)
+        kept = []
+        for lists, shape, flip in ((by_row, s.shape, False), (by_col, s.shape[::-1], True)):
+            rows, cols = (v.cpu() for v in lists.rows())
+            k = torch.zeros(shape, dtype=torch.bool)
+            k[rows, cols] = True
+            assert len(rows) == lists.entries == int(k.sum())               # no entry twice
+            kept.append(k.t() if flip else k)
+        assert torch.equal(kept[0], kept[1]), fn.__name__                  # one set, two groupings
+        assert bool((kept[0] | ~must).all()) and bool((may | ~kept[0]).all()), fn.__name__
+        assert int(by_row.count[:157].min()) >= 1 and int(by_col.count[:219].min()) >= 1
+
+
+@pytest.mark.parametrize("eps", [1e-2, 1e-3])
+def test_softmin_over_point_lists_matches_float64(eps):
+    """The soft-min over each row's list (and the fused weights and relaxation) against float64
+    over the same entries; with lists holding whole block pairs it is the block-pair soft-min."""
+    lam, omega = 0.9, 1.6
+    block, x, y, logw_x, logw_y, f, g, pairs, pairs_t = point_lists_case(24, eps)
+    hx, hy = logw_x + f / eps, logw_y + g / eps
+    for tau in (6.0, 1e6):
+        lists = select_triton(x, y, hx, hy, eps, pairs, pairs_t, block, tau)[0]
+        rows, cols = (t.cpu() for t in lists.rows())
+        _, logits = reference(x, y, hy, eps, pairs, block)
+        kept = torch.full_like(logits, -torch.inf)
+        kept[rows, cols] = logits[rows, cols]
+        want = -eps * torch.logsumexp(kept, 1)
+        soft, relaxed = softmin_lists_triton(x, y, logw_y, eps, lists, pot=g, relax=(f, lam, omega))
+        for got in (soft, softmin_lists_torch(x, y, hy, eps, lists)):
+            assert float((got.double().cpu() - want).abs().max()) / eps < 1e-4
+        want_relaxed = f.double().cpu() + omega * (lam * want - f.double().cpu())
+        assert float((relaxed.double().cpu() - want_relaxed).abs().max()) / eps < 2e-4
+    whole = softmin_triton(x, y, hy, eps, pairs, block)
+    torch.testing.assert_close(soft, whole, rtol=0, atol=1e-4 * eps)

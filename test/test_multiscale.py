@@ -20,14 +20,18 @@ def sheet(n, seed, shift=(0.0, 0.0, 0.0)):
 
 
 @pytest.mark.parametrize("rho", [None, 1.0])
-def test_multiscale_agrees_with_dense(rho):
+@pytest.mark.parametrize("point_lists", [True, False])
+def test_multiscale_agrees_with_dense(rho, point_lists):
     x, y = sheet(900, 1), sheet(1100, 2, (0.05, 0, 0))
     eps = 0.01
     dense = sinkhorn(x, y, eps=eps, rho=rho, tol=1e-5, backend="torch")
-    solver = MultiscaleSinkhorn(eps, rho=rho, tol=1e-5, block=64, dense_blocks=0, backend="torch")
+    solver = MultiscaleSinkhorn(eps, rho=rho, tol=1e-5, block=64, dense_blocks=0, backend="torch",
+                                point_lists=point_lists)
     ms = solver(x, y)
     assert ms.marginal_error < 1e-5 and len(ms.levels) >= 2
     assert ms.levels[-1]["pairs"] < 0.9                        # the finest level really is sparse
+    if point_lists:                                            # ... and its lists sparser still
+        assert ms.levels[-1]["entries"] < 0.5 * ms.levels[-1]["pairs"]
     assert ms.cost == pytest.approx(dense.cost, rel=1e-3)
     df = ms.f - dense.f
     if rho is None:

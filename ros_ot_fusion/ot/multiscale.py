@@ -17,6 +17,14 @@ where dmin is the gap between the blocks' bounding boxes. At the fixed point f/(
 minus the row's log-sum, so a skipped entry weighs under exp(-tau) of its row. Pairs are
 re-selected at every eps step and every convergence check, as the potentials move.
 
+Point lists. At the target eps the finest level's soft-mins run over the entries of the kept
+pairs that matter (kernels/lists.py: within exp(-tau) of their row's or column's largest), not
+over whole pairs. Lists chosen with tau + margin hold while no potential has moved by more than
+margin / 2 eps since (what they dropped is then still under exp(-tau)). Potentials move fast
+after an eps step and then slower, by ~0.65x a check on a street scene (the largest move over 5
+iterations going from thousands of eps to ~1), so the margin follows the last check's move: whole
+pairs while it is large, then lists with a wide margin that are kept for several checks.
+
 Warm start. After a solve, `WarmStart` keeps eps and the finest level with its potentials; the
 next frame skips the pyramid, starts at the final eps, and initialises its potentials by soft
 c-transforms against the kept ones (the same hand-over as between levels). `refine` solves again
@@ -29,6 +37,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ros_ot_fusion.kernels.lists import select
 from ros_ot_fusion.kernels.softmin import barycenter
 from ros_ot_fusion.ot.layout import Layout
 from ros_ot_fusion.ot.sinkhorn import (Iterations, Problem, SinkhornResult, anneal, damping,
@@ -36,6 +45,7 @@ from ros_ot_fusion.ot.sinkhorn import (Iterations, Problem, SinkhornResult, anne
 
 _GRID_BIAS = 1 << 20          # voxel keys: three 21-bit coordinates around a fixed origin
 DENSE_TRANSFER_PAIRS = 1 << 30   # `transfer` runs dense on the GPU up to this many point pairs
+LIST_MARGINS = (4.0, 48.0)       # point lists: chosen with tau + a margin in this range (multiscale docstring)
 
 
 def voxel_keys(points: torch.Tensor, size: float) -> torch.Tensor:
@@ -179,14 +189,15 @@ class MultiscaleSinkhorn:
     (None: 4096 on the GPU, where a dense 8k x 8k soft-min took ~45 us and choosing its pairs
     ~1 ms of launches and host syncs; 256 on the CPU, where every entry costs);
     omega: over-relaxation at the final eps (None: the solver's default); cuda_graphs: replay
-    dense GPU iterations as CUDA graphs (graphed.py).
+    dense GPU iterations as CUDA graphs (graphed.py); point_lists: at the target eps, sparse
+    levels iterate over the entries that matter, not over whole block pairs (module docstring).
     """
 
     def __init__(self, eps: float, rho: float | None = None, tol: float = 1e-3, *,
                  sizes: list[float] | None = None, ratio: float = 4.0, scaling: float = 0.5,
                  tau: float = 16.0, block: int | None = None, max_iter: int = 500, check_every: int = 5,
                  dense_blocks: int | None = None, omega: float | None = None, backend: str = "auto",
-                 cuda_graphs: bool = True):
+                 cuda_graphs: bool = True, point_lists: bool = True):
         # block=None: 128 on the GPU (kernel efficiency), 16 on the CPU (less work wasted in
         # partly relevant block pairs, since the torch backend does every entry of a kept pair:
         # against 32, a warm aligner frame 14% faster, a 20k-point cold solve 16-28%; 8 was slower)
@@ -195,7 +206,7 @@ class MultiscaleSinkhorn:
         self.eps, self.rho, self.tol, self.sizes, self.ratio = eps, rho, tol, sizes, ratio
         self.scaling, self.tau, self.block, self.max_iter = scaling, tau, block, max_iter
         self.check_every, self.dense_blocks, self.backend = check_every, dense_blocks, backend
-        self.omega, self.cuda_graphs = omega, cuda_graphs
+        self.omega, self.cuda_graphs, self.point_lists = omega, cuda_graphs, point_lists
 
     def level_sizes(self, diameter: float) -> list[float]:
         """Voxel sizes coarse -> fine: from diameter/8 while above 2 sqrt(eps)."""
@@ -207,14 +218,64 @@ class MultiscaleSinkhorn:
             s /= self.ratio
         return sizes
 
-    def _problem(self, x: Layout, y: Layout, f, g, eps, backend, stats=None) -> Problem:
+    def _problem(self, x: Layout, y: Layout, f, g, eps, backend, stats=None, margin=None) -> Problem:
+        """Dense, block pairs, or (margin: not None) block pairs and point lists chosen with tau + margin."""
         dense = self.dense_blocks if self.dense_blocks is not None else (4096 if x.pts.is_cuda else 256)
         if (x.n_pad // x.block) * (y.n_pad // y.block) <= dense:
             return Problem(x, y, backend)
-        pxy, pyx, frac = block_pairs(x, y, f, g, eps, damping(eps, self.rho), self.tau)
+        lists = margin is not None
+        tau = self.tau + (margin if lists else 0.0)
+        pxy, pyx, frac = block_pairs(x, y, f, g, eps, damping(eps, self.rho), tau)
         if stats is not None:
             stats["pairs"] = frac
-        return Problem(x, y, backend, pxy, pyx)
+        if not lists:
+            return Problem(x, y, backend, pxy, pyx)
+        if x.block != y.block:
+            raise ValueError("point lists need one block size on both sides")
+        lxy, lyx = select(x.pts, y.pts, x.logw + f / eps, y.logw + g / eps, eps, pxy, pyx, x.block, tau, backend)
+        if stats is not None:
+            stats["entries"] = (lxy.entries + lyx.entries) / (2 * x.n_pad * y.n_pad)
+            stats["selections"] = stats.get("selections", 0) + 1
+        return Problem(x, y, backend, pxy, pyx, lxy, lyx)
+
+    def _refresh(self, X: Layout, Y: Layout, backend, stats):
+        """refresh(f, g, eps) for `iterate`, called at every eps step and check: block pairs, and
+        at the target eps point lists once the potentials move slowly enough (see the module
+        docstring). Lists are chosen with tau + a margin of 4x the last check's move (within
+        LIST_MARGINS) and kept while no potential has moved by more than half the margin since."""
+        held = {}
+
+        def moved(f, g, since) -> torch.Tensor:
+            """The largest move of a potential since `since`, in units of the truncation's exponent,
+            over the points that can carry mass: unbalanced, a point whose potential is over
+            rho (tau + margin) sends or receives under exp(-tau - margin) of its weight (points
+            far from the other cloud; their potentials creep for hundreds of iterations)."""
+            lam = damping(since["eps"], self.rho)
+            out = []
+            for p, old, lay, scale in ((f, since["f"], X, lam * since["eps"]), (g, since["g"], Y, since["eps"])):
+                live = torch.isfinite(lay.logw)
+                if self.rho is not None:
+                    live &= p < self.rho * (self.tau + LIST_MARGINS[1])
+                out.append(torch.where(live, (p - old).abs(), torch.zeros_like(p)).max() / scale)
+            return torch.maximum(*out)
+
+        def refresh(f, g, eps):
+            last, chosen = held.get("last"), held.get("chosen")
+            held["last"] = {"eps": eps, "f": f, "g": g}
+            if not (self.point_lists and eps == self.eps and last is not None and last["eps"] == eps):
+                return self._problem(X, Y, f, g, eps, backend, stats)
+            since = torch.stack([moved(f, g, s) for s in (last, chosen) if s is not None]).tolist()  # one sync
+            if len(since) > 1 and since[1] <= chosen["margin"] / 2:
+                return chosen["problem"]
+            margin = max(LIST_MARGINS[0], 4 * since[0])
+            if not margin <= LIST_MARGINS[1]:                     # still moving fast: whole pairs
+                return self._problem(X, Y, f, g, eps, backend, stats)
+            problem = self._problem(X, Y, f, g, eps, backend, stats, margin)
+            held["chosen"] = {"eps": eps, "f": f, "g": g, "problem": problem, "margin": margin}
+            if stats is not None:
+                stats["margin"] = margin
+            return problem
+        return refresh
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, a=None, b=None,
                  warm: WarmStart | None = None) -> MultiscaleResult:
@@ -276,7 +337,7 @@ class MultiscaleSinkhorn:
         problem, f, g, log = iterate(
             Problem(X, Y, backend), f, g, schedule, rho=self.rho, tol=self.tol, max_iter=self.max_iter,
             check_every=self.check_every, log=log, omega=self.omega, cuda_graphs=self.cuda_graphs,
-            refresh=lambda f_, g_, e: self._problem(X, Y, f_, g_, e, backend, info))
+            refresh=self._refresh(X, Y, backend, info))
         info["iterations"] = log.iterations - before
         levels_info.append(info)
         result = MultiscaleResult(problem, f, g, self.eps, self.rho, log.iterations, log.marginal_error,

@@ -27,6 +27,7 @@ from functools import cached_property
 
 import torch
 
+from ros_ot_fusion.kernels.lists import PointLists, softmin_lists
 from ros_ot_fusion.kernels.softmin import (barycenter, dense_iterations_triton, needs_exact, pair_costs,
                                            persistent_fits, softmin, softmin_triton)
 from ros_ot_fusion.ot.layout import Layout
@@ -59,13 +60,17 @@ def default_omega(rho: float | None) -> float:
 
 @dataclass
 class Problem:
-    """Two laid-out point sets, the backend, and (optionally) the block pairs that matter."""
+    """Two laid-out point sets, the backend, and (optionally) the block pairs that matter and,
+    within them, the entries that matter (the soft-mins then run over those; the plan's
+    barycentres stay on the block pairs)."""
 
     x: Layout
     y: Layout
     backend: str
     pairs_xy: tuple | None = None      # CSR: x block -> y blocks; None: dense
     pairs_yx: tuple | None = None      # CSR: y block -> x blocks
+    lists_xy: PointLists | None = None  # per x point, the y points that matter (kernels.lists)
+    lists_yx: PointLists | None = None
 
     def _costs(self, name: str, a: Layout, b: Layout, pairs, budget: int = 1 << 26):
         """torch backend: block-pair costs, computed once for this problem's pairs (when they
@@ -84,11 +89,15 @@ class Problem:
 
     def softmin_x(self, g: torch.Tensor, eps: float) -> torch.Tensor:
         """softmin over j of (C_ij - g_j - eps log b_j), for every x_i (padded)."""
+        if self.lists_xy is not None:
+            return softmin_lists(self.x.pts, self.y.pts, self.y.logw + g / eps, eps, self.lists_xy, self.backend)
         return softmin(self.x.pts, self.y.pts, self.y.logw + g / eps, eps, self.pairs_xy,
                        self.x.block, self.backend, needs_exact(self.y.extent2, eps),
                        self._costs("_costs_xy", self.x, self.y, self.pairs_xy))
 
     def softmin_y(self, f: torch.Tensor, eps: float) -> torch.Tensor:
+        if self.lists_yx is not None:
+            return softmin_lists(self.y.pts, self.x.pts, self.x.logw + f / eps, eps, self.lists_yx, self.backend)
         return softmin(self.y.pts, self.x.pts, self.x.logw + f / eps, eps, self.pairs_yx,
                        self.y.block, self.backend, needs_exact(self.x.extent2, eps),
                        self._costs("_costs_yx", self.y, self.x, self.pairs_yx))
@@ -96,16 +105,19 @@ class Problem:
     def relaxed_x(self, g: torch.Tensor, f: torch.Tensor, eps: float, lam: float, omega: float):
         """(softmin_x(g), f + omega (lam softmin_x(g) - f)): a relaxed row update (Triton: the
         column weights and the relaxation are done inside the soft-min's two kernels)."""
-        return self._relaxed(self.x, self.y, self.pairs_xy, self.softmin_x, g, f, eps, lam, omega)
+        return self._relaxed(self.x, self.y, self.pairs_xy, self.lists_xy, self.softmin_x, g, f, eps, lam, omega)
 
     def relaxed_y(self, f: torch.Tensor, g: torch.Tensor, eps: float, lam: float, omega: float):
         """(softmin_y(f), g + omega (lam softmin_y(f) - g)): a relaxed column update."""
-        return self._relaxed(self.y, self.x, self.pairs_yx, self.softmin_y, f, g, eps, lam, omega)
+        return self._relaxed(self.y, self.x, self.pairs_yx, self.lists_yx, self.softmin_y, f, g, eps, lam, omega)
 
-    def _relaxed(self, rows: Layout, cols: Layout, pairs, plain, pot, prev, eps, lam, omega):
+    def _relaxed(self, rows: Layout, cols: Layout, pairs, lists, plain, pot, prev, eps, lam, omega):
         if self.backend != "triton":
             soft = plain(pot, eps)
             return soft, relax(prev, lam * soft, omega)
+        if lists is not None:
+            return softmin_lists(rows.pts, cols.pts, cols.logw, eps, lists, "triton", pot=pot,
+                                 relax=(prev, lam, omega))
         return softmin_triton(rows.pts, cols.pts, cols.logw, eps, pairs, rows.block,
                               needs_exact(cols.extent2, eps), pot=pot, relax=(prev, lam, omega))
 

@@ -1,0 +1,231 @@
+"""Point-level truncation: the entries of the kept block pairs that matter, and soft-mins over them.
+
+Block pairs are a coarse filter: a block of 128 Morton-sorted points spans a box much larger than
+the plan's reach at small eps (on a 131k x 276k street scene at eps = 1e-3 the kept pairs held
+~5.5e9 entries, each an exponential per half-iteration). Within them, entry (i, j) is kept when
+
+    s_ij = hy_j - C_ij / eps >= max_j' s_ij' - tau   or   t_ij = hx_i - C_ij / eps >= max_i' t_i'j - tau
+
+(hy = log b + g / eps, hx = log a + f / eps): what a row's soft-min drops weighs under exp(-tau)
+of its largest term, whatever f is, and likewise for a column. One entry set serves both updates,
+grouped by row and by column: with the rows' and the columns' choices apart, the updates are no
+longer Sinkhorn's on one kernel, and over-relaxed they diverged on a street scene (potentials
+drifting by ~30 m^2 an iteration). Each grouping is CSR, row i's columns at
+cols[start_i : start_i + count_i] (storage indices); three passes over the candidates make them:
+each row's and column's largest term, the counts, the entries.
+
+A soft-min over the lists gathers its columns (points and weights stay in L2): it costs the
+entries kept, not the candidates. Lists depend on h, so the solver chooses them again when the
+potentials have moved by more than the margin they were chosen with (multiscale.py).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import triton
+import triton.language as tl
+
+from ros_ot_fusion.kernels.softmin import (LOG2E, _NEG, _check, _exp2, _load_tile, _rows, _tile_count,
+                                           _tile_origin, pair_costs)
+
+
+@dataclass
+class PointLists:
+    """Per-row column lists (storage indices into the columns' layout), int32 on the points' device."""
+
+    start: torch.Tensor          # (n_pad,) first entry of each row in cols
+    count: torch.Tensor          # (n_pad,) entries of each row
+    cols: torch.Tensor           # (capacity,) column indices; slots past a row's count are unused
+    entries: int                 # sum of count (on the host)
+    cache: dict = field(default_factory=dict, repr=False)   # torch backend: row index and costs
+
+    def rows(self) -> torch.Tensor:
+        """(entries,) row of each used entry, and the used entries' positions in cols (torch)."""
+        if "rows" not in self.cache:
+            n = len(self.count)
+            rows = torch.repeat_interleave(torch.arange(n, device=self.cols.device), self.count.long())
+            first = torch.cumsum(self.count.long(), 0) - self.count.long()
+            at = self.start.long()[rows] + torch.arange(len(rows), device=rows.device) - first[rows]
+            self.cache["rows"] = rows, self.cols[at].long()
+        return self.cache["rows"]
+
+
+@triton.jit
+def _select_kernel(X, Y, H, HR, ROW_PTR, COLS, PEAK, PEAK_C, START, COUNT, OUT, n_pad, m_pad, l2e, scale,
+                   tau2, MODE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One row tile over its block pairs; s = (H_j - C_ij/eps) log2 e, r = (HR_i - C_ij/eps) log2 e.
+    MODE 0: PEAK, each row's max of s. MODE 1: COUNT, its entries with s >= PEAK_i - tau2 or
+    r >= PEAK_C_j - tau2 (near the row's largest, or near the column's). MODE 2: those entries'
+    columns, written from START."""
+    pid = tl.program_id(0)
+    rows, c0, c1, c2, x0, x1, x2 = _rows(X, n_pad, pid, BLOCK_M)
+    first, n_tiles = _tile_count(ROW_PTR, pid, m_pad, BLOCK, BLOCK_M, BLOCK_N, True)
+    if MODE == 0:
+        peak = tl.full([BLOCK_M, 1], _NEG, tl.float32)
+    else:
+        bar = tl.load(PEAK + rows) - tau2
+        hr = tl.load(HR + rows) * l2e
+    if MODE == 2:
+        at = tl.load(START + rows)
+    count = tl.zeros([BLOCK_M, 1], tl.int32)
+    for t in range(0, n_tiles):
+        j0 = _tile_origin(COLS, first, t, BLOCK, BLOCK_N, True)
+        cols, y0, y1, y2, hq = _load_tile(Y, H, m_pad, j0, c0, c1, c2, l2e, BLOCK_N)
+        d0 = x0 - y0
+        d1 = x1 - y1
+        d2 = x2 - y2
+        c = scale * (d0 * d0 + d1 * d1 + d2 * d2)
+        if MODE == 0:
+            peak = tl.maximum(peak, tl.max(hq - c, axis=1, keep_dims=True))
+        else:
+            keep = ((hq - c >= bar) | (hr - c >= tl.load(PEAK_C + cols) - tau2)).to(tl.int32)
+            if MODE == 2:
+                pos = at + count + tl.cumsum(keep, axis=1) - 1
+                tl.store(OUT + pos, cols + 0 * pos, mask=keep != 0)
+            count += tl.sum(keep, axis=1, keep_dims=True)
+    if MODE == 0:
+        tl.store(PEAK + rows, peak)
+    else:
+        tl.store(COUNT + rows, count)
+
+
+@triton.jit
+def _softmin_lists_kernel(X, Y, H, G, START, COUNT, COLS, OUT, PREV, RELAXED, n_pad, m_pad, scale, l2e,
+                          inv_eps, inv_scale, lam, omega, HAS_G: tl.constexpr, RELAX: tl.constexpr,
+                          FTZ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """softmin over each row's list, OUT = -(max + log2 sum 2^(s - max)) / scale; with RELAX also
+    RELAXED = PREV + omega (lam OUT - PREV). Column weights H, or H + G / eps with HAS_G."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)[:, None]
+    x0 = tl.load(X + rows)
+    x1 = tl.load(X + n_pad + rows)
+    x2 = tl.load(X + 2 * n_pad + rows)
+    start = tl.load(START + rows)
+    count = tl.load(COUNT + rows)
+    m_i = tl.full([BLOCK_M, 1], _NEG, tl.float32)
+    l_i = tl.zeros([BLOCK_M, 1], tl.float32)
+    for k0 in range(0, tl.max(count), BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)[None, :]
+        valid = k < count
+        j = tl.load(COLS + start + k, mask=valid, other=0)
+        d0 = x0 - tl.load(Y + j)
+        d1 = x1 - tl.load(Y + m_pad + j)
+        d2 = x2 - tl.load(Y + 2 * m_pad + j)
+        h = tl.load(H + j)
+        if HAS_G:
+            h += tl.load(G + j) * inv_eps
+        s = tl.where(valid, h * l2e - scale * (d0 * d0 + d1 * d1 + d2 * d2), -float("inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1, keep_dims=True))
+        l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(_exp2(s - m_new, FTZ), axis=1, keep_dims=True)
+        m_i = m_new
+    out = -(m_i + tl.log2(l_i)) * inv_scale
+    tl.store(OUT + rows, out)
+    if RELAX:
+        prev = tl.load(PREV + rows)
+        tl.store(RELAXED + rows, prev + omega * (lam * out - prev))
+
+
+def select_triton(x, y, hx, hy, eps: float, pairs_xy, pairs_yx, block: int, tau: float):
+    """(lists of x, lists of y) of one entry set: the block pairs' entries within tau of their
+    row's largest or of their column's (weights hx on x, hy on y; pairs: CSR both ways)."""
+    _check(x, y, hy, block)
+    _check(y, x, hx, block)
+    bm = bn = min(32, block)
+    meta = dict(BLOCK=block, BLOCK_M=bm, BLOCK_N=bn, num_warps=4)
+    sides = ((x, y, hy, hx, pairs_xy), (y, x, hx, hy, pairs_yx))
+    peaks = [torch.empty(r.shape[1], device=x.device, dtype=torch.float32) for r, *_ in sides]
+    for (r, c, h, hr, pairs), peak in zip(sides, peaks):
+        _select_kernel[(r.shape[1] // bm,)](r, c, h, hr, *pairs, peak, peak, peak, peak, peak, r.shape[1],
+                                           c.shape[1], LOG2E, LOG2E / eps, tau * LOG2E, MODE=0, **meta)
+    out = []
+    for (r, c, h, hr, pairs), peak, peak_c in zip(sides, peaks, peaks[::-1]):
+        count = torch.empty(r.shape[1], device=x.device, dtype=torch.int32)
+        args = (r.shape[1], c.shape[1], LOG2E, LOG2E / eps, tau * LOG2E)
+        _select_kernel[(r.shape[1] // bm,)](r, c, h, hr, *pairs, peak, peak_c, count, count, count, *args,
+                                           MODE=1, **meta)
+        ends = torch.cumsum(count, 0)
+        entries = int(ends[-1])                                    # one host sync
+        if entries >= 1 << 31:
+            raise RuntimeError(f"{entries} point-list entries: more than int32 indices hold")
+        start = (ends - count).int()
+        cols = torch.empty(max(entries, 1), device=x.device, dtype=torch.int32)
+        _select_kernel[(r.shape[1] // bm,)](r, c, h, hr, *pairs, peak, peak_c, start, count, cols, *args,
+                                           MODE=2, **meta)
+        out.append(PointLists(start, count, cols, entries))
+    return tuple(out)
+
+
+def softmin_lists_triton(x, y, h, eps: float, lists: PointLists, pot=None, relax=None):
+    """softmin_triton's contract (pot, relax) over point lists instead of block pairs."""
+    n_pad, m_pad = x.shape[1], y.shape[1]
+    out = torch.empty(n_pad, device=x.device, dtype=torch.float32)
+    prev, lam, omega = relax if relax is not None else (out, 1.0, 1.0)
+    relaxed = torch.empty_like(out) if relax is not None else out
+    bm = 16
+    while n_pad % bm:
+        bm //= 2
+    _softmin_lists_kernel[(n_pad // bm,)](x, y, h, h if pot is None else pot, lists.start, lists.count, lists.cols,
+                                          out, prev, relaxed, n_pad, m_pad, LOG2E / eps, LOG2E, 1.0 / eps,
+                                          eps / LOG2E, lam, omega, HAS_G=pot is not None,
+                                          RELAX=relax is not None, FTZ=x.device.type == "cuda",
+                                          BLOCK_M=bm, BLOCK_K=32, num_warps=4)
+    return out if relax is None else (out, relaxed)
+
+
+# ----------------------------------------------------------------------------------------------
+# torch reference (CPU fallback and tests)
+# ----------------------------------------------------------------------------------------------
+
+def select_torch(x, y, hx, hy, eps: float, pairs_xy, pairs_yx, block: int, tau: float):
+    _check(x, y, hy, block)
+    n_pad, m_pad = x.shape[1], y.shape[1]
+    blk = torch.arange(block, device=x.device)
+    chunks = []
+    peak_x = torch.full((n_pad,), -torch.inf, device=x.device)
+    peak_y = torch.full((m_pad,), -torch.inf, device=x.device)
+    for r, c, cost in pair_costs(x, y, pairs_xy, block):            # (P, B, B): rows x, columns y
+        rows, cols = (r[:, None] * block + blk).reshape(-1), (c[:, None] * block + blk).reshape(-1)
+        s = hy.reshape(-1, block)[c][:, None, :] - cost / eps
+        t = hx.reshape(-1, block)[r][:, :, None] - cost / eps
+        peak_x.scatter_reduce_(0, rows, s.amax(2).reshape(-1), "amax")
+        peak_y.scatter_reduce_(0, cols, t.amax(1).reshape(-1), "amax")
+        chunks.append((r, c, s, t))
+    found = []
+    for r, c, s, t in chunks:
+        keep = ((s >= peak_x.reshape(-1, block)[r][:, :, None] - tau)
+                | (t >= peak_y.reshape(-1, block)[c][:, None, :] - tau))
+        p, i, j = keep.nonzero(as_tuple=True)
+        found.append((r[p] * block + i, c[p] * block + j))
+    rows, cols = (torch.cat(v) for v in zip(*found))
+    return _grouped(rows, cols, n_pad), _grouped(cols, rows, m_pad)
+
+
+def _grouped(rows, cols, n):
+    order = torch.argsort(rows, stable=True)
+    count = torch.bincount(rows, minlength=n)
+    return PointLists((torch.cumsum(count, 0) - count).int(), count.int(), cols[order].int(), len(rows))
+
+
+def softmin_lists_torch(x, y, h, eps: float, lists: PointLists) -> torch.Tensor:
+    rows, cols = lists.rows()
+    if "cost" not in lists.cache:                          # the points do not change in a solve
+        lists.cache["cost"] = ((x.t()[rows] - y.t()[cols]) ** 2).sum(1)
+    s = h[cols] - lists.cache["cost"] / eps
+    n_pad = x.shape[1]
+    peak = torch.full((n_pad,), -torch.inf, device=x.device).scatter_reduce_(0, rows, s, "amax")
+    safe = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
+    total = torch.zeros(n_pad, device=x.device).index_add_(0, rows, torch.exp(s - safe[rows]))
+    return -eps * (safe + torch.log(total))
+
+
+def select(x, y, hx, hy, eps, pairs_xy, pairs_yx, block, tau, backend="torch"):
+    """(lists of x, lists of y): the entries that matter, grouped by row and by column."""
+    fn = select_triton if backend == "triton" else select_torch
+    return fn(x, y, hx, hy, eps, pairs_xy, pairs_yx, block, tau)
+
+
+def softmin_lists(x, y, h, eps, lists, backend="torch", pot=None, relax=None):
+    """backend 'triton' takes pot and relax as softmin_triton does; 'torch' takes neither."""
+    if backend == "triton":
+        return softmin_lists_triton(x, y, h, eps, lists, pot, relax)
+    return softmin_lists_torch(x, y, h, eps, lists)
