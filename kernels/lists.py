@@ -34,42 +34,47 @@ from ros_ot_fusion.kernels.softmin import (LOG2E, _NEG, _check, _exp2, _load_til
 class PointLists:
     """Per-row column lists (storage indices into the columns' layout), int32 on the points' device."""
 
-    start: torch.Tensor          # (n_pad,) first entry of each row in cols
+    start: torch.Tensor          # (n_pad,) first entry of each row in cols (rows in turn, no gaps)
     count: torch.Tensor          # (n_pad,) entries of each row
-    cols: torch.Tensor           # (capacity,) column indices; slots past a row's count are unused
+    cols: torch.Tensor           # (entries,) column indices; -1: a free slot (kernels.lists: MODE 2)
     entries: int                 # sum of count (on the host)
     cache: dict = field(default_factory=dict, repr=False)   # torch backend: row index and costs
 
-    def rows(self) -> torch.Tensor:
-        """(entries,) row of each used entry, and the used entries' positions in cols (torch)."""
+    def rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(row, column) of every entry, int64 (the torch backend's form; rows are stored in turn)."""
         if "rows" not in self.cache:
-            n = len(self.count)
-            rows = torch.repeat_interleave(torch.arange(n, device=self.cols.device), self.count.long())
-            first = torch.cumsum(self.count.long(), 0) - self.count.long()
-            at = self.start.long()[rows] + torch.arange(len(rows), device=rows.device) - first[rows]
-            self.cache["rows"] = rows, self.cols[at].long()
+            rows = torch.repeat_interleave(torch.arange(len(self.count), device=self.cols.device),
+                                           self.count.long(), output_size=self.entries)
+            cols = self.cols[: self.entries].long()
+            used = cols >= 0
+            self.cache["rows"] = rows[used], cols[used]
         return self.cache["rows"]
 
 
 @triton.jit
 def _select_kernel(X, Y, H, HR, ROW_PTR, COLS, PEAK, PEAK_C, START, COUNT, OUT, n_pad, m_pad, l2e, scale,
                    tau2, MODE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """One row tile over its block pairs; s = (H_j - C_ij/eps) log2 e, r = (HR_i - C_ij/eps) log2 e.
-    MODE 0: PEAK, each row's max of s. MODE 1: COUNT, its entries with s >= PEAK_i - tau2 or
-    r >= PEAK_C_j - tau2 (near the row's largest, or near the column's). MODE 2: those entries'
-    columns, written from START."""
+    """One row tile over its share (program_id(1) of num_programs(1)) of its block pairs;
+    s = (H_j - C_ij/eps) log2 e, r = (HR_i - C_ij/eps) log2 e. Per (share, row): MODE 0: PEAK, the
+    max of s. MODE 1: COUNT, the entries with s >= PEAK_i - tau2 or r >= PEAK_C_j - tau2 (near
+    the row's largest, or near the column's; PEAK and PEAK_C over all shares). MODE 2: their
+    columns, written from START, at most COUNT of them (slots left over keep -1)."""
     pid = tl.program_id(0)
+    part = tl.program_id(1)
     rows, c0, c1, c2, x0, x1, x2 = _rows(X, n_pad, pid, BLOCK_M)
     first, n_tiles = _tile_count(ROW_PTR, pid, m_pad, BLOCK, BLOCK_M, BLOCK_N, True)
+    share = tl.cdiv(n_tiles, tl.num_programs(1))
+    mine = part * n_pad + rows
     if MODE == 0:
         peak = tl.full([BLOCK_M, 1], _NEG, tl.float32)
     else:
         bar = tl.load(PEAK + rows) - tau2
         hr = tl.load(HR + rows) * l2e
     if MODE == 2:
-        at = tl.load(START + rows)
+        at = tl.load(START + mine)
+        room = tl.load(COUNT + mine)
     count = tl.zeros([BLOCK_M, 1], tl.int32)
-    for t in range(0, n_tiles):
+    for t in range(part * share, tl.minimum(part * share + share, n_tiles)):
         j0 = _tile_origin(COLS, first, t, BLOCK, BLOCK_N, True)
         cols, y0, y1, y2, hq = _load_tile(Y, H, m_pad, j0, c0, c1, c2, l2e, BLOCK_N)
         d0 = x0 - y0
@@ -80,34 +85,39 @@ def _select_kernel(X, Y, H, HR, ROW_PTR, COLS, PEAK, PEAK_C, START, COUNT, OUT, 
             peak = tl.maximum(peak, tl.max(hq - c, axis=1, keep_dims=True))
         else:
             keep = ((hq - c >= bar) | (hr - c >= tl.load(PEAK_C + cols) - tau2)).to(tl.int32)
-            if MODE == 2:
-                pos = at + count + tl.cumsum(keep, axis=1) - 1
-                tl.store(OUT + pos, cols + 0 * pos, mask=keep != 0)
+            if MODE == 2:   # within the share's count from MODE 1: the two compiled predicates
+                rank = count + tl.cumsum(keep, axis=1)      # may round apart at the threshold
+                tl.store(OUT + at + rank - 1, cols + 0 * rank, mask=(keep != 0) & (rank <= room))
             count += tl.sum(keep, axis=1, keep_dims=True)
     if MODE == 0:
-        tl.store(PEAK + rows, peak)
-    else:
-        tl.store(COUNT + rows, count)
+        tl.store(PEAK + mine, peak)
+    elif MODE == 1:
+        tl.store(COUNT + mine, count)
 
 
 @triton.jit
-def _softmin_lists_kernel(X, Y, H, G, START, COUNT, COLS, OUT, PREV, RELAXED, n_pad, m_pad, scale, l2e,
-                          inv_eps, inv_scale, lam, omega, HAS_G: tl.constexpr, RELAX: tl.constexpr,
-                          FTZ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """softmin over each row's list, OUT = -(max + log2 sum 2^(s - max)) / scale; with RELAX also
-    RELAXED = PREV + omega (lam OUT - PREV). Column weights H, or H + G / eps with HAS_G."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)[:, None]
+def _softmin_lists_kernel(X, Y, H, G, START, COUNT, COLS, TILE, PART, M, L, n_pad, m_pad, scale, l2e, inv_eps,
+                          HAS_G: tl.constexpr, FTZ: tl.constexpr, BLOCK_M: tl.constexpr,
+                          BLOCK_K: tl.constexpr, WORK: tl.constexpr):
+    """One work item: entries WORK * part .. WORK * (part + 1) of each row of a row tile, as a
+    partial (max M, sum L) of 2^s. Column weights H, or H + G / eps with HAS_G."""
+    pid = tl.program_id(0)
+    tile = tl.load(TILE + pid)
+    lo = tl.load(PART + pid) * WORK
+    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)[:, None]
     x0 = tl.load(X + rows)
     x1 = tl.load(X + n_pad + rows)
     x2 = tl.load(X + 2 * n_pad + rows)
     start = tl.load(START + rows)
-    count = tl.load(COUNT + rows)
+    hi = tl.minimum(tl.load(COUNT + rows), lo + WORK)
     m_i = tl.full([BLOCK_M, 1], _NEG, tl.float32)
     l_i = tl.zeros([BLOCK_M, 1], tl.float32)
-    for k0 in range(0, tl.max(count), BLOCK_K):
+    for k0 in range(lo, tl.max(hi), BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)[None, :]
-        valid = k < count
-        j = tl.load(COLS + start + k, mask=valid, other=0)
+        valid = k < hi
+        j = tl.load(COLS + start + k, mask=valid, other=-1)
+        valid &= j >= 0                                  # a slot the choice left free
+        j = tl.maximum(j, 0)
         d0 = x0 - tl.load(Y + j)
         d1 = x1 - tl.load(Y + m_pad + j)
         d2 = x2 - tl.load(Y + 2 * m_pad + j)
@@ -118,11 +128,35 @@ def _softmin_lists_kernel(X, Y, H, G, START, COUNT, COLS, OUT, PREV, RELAXED, n_
         m_new = tl.maximum(m_i, tl.max(s, axis=1, keep_dims=True))
         l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(_exp2(s - m_new, FTZ), axis=1, keep_dims=True)
         m_i = m_new
-    out = -(m_i + tl.log2(l_i)) * inv_scale
+    out = pid * BLOCK_M + tl.arange(0, BLOCK_M)[:, None]
+    tl.store(M + out, m_i)
+    tl.store(L + out, l_i)
+
+
+@triton.jit
+def _combine_parts_kernel(M, L, FIRST, OUT, PREV, RELAXED, inv_scale, lam, omega, RELAX: tl.constexpr,
+                          BLOCK_M: tl.constexpr):
+    """A row tile's partials (work items FIRST[t] .. FIRST[t + 1]) merged: OUT = -eps ln sum, and
+    with RELAX the relaxed update RELAXED = PREV + omega (lam OUT - PREV)."""
+    t = tl.program_id(0)
+    lanes = tl.arange(0, BLOCK_M)
+    peak = tl.full([BLOCK_M], _NEG, tl.float32)
+    total = tl.zeros([BLOCK_M], tl.float32)
+    for p in range(tl.load(FIRST + t), tl.load(FIRST + t + 1)):
+        m = tl.load(M + p * BLOCK_M + lanes)
+        new = tl.maximum(peak, m)
+        total = total * tl.exp2(peak - new) + tl.load(L + p * BLOCK_M + lanes) * tl.exp2(m - new)
+        peak = new
+    out = -(peak + tl.log2(total)) * inv_scale
+    rows = t * BLOCK_M + lanes
     tl.store(OUT + rows, out)
     if RELAX:
         prev = tl.load(PREV + rows)
         tl.store(RELAXED + rows, prev + omega * (lam * out - prev))
+
+
+SELECT_SPLIT = 4        # programs a row tile's block pairs are split over while choosing entries
+LIST_TILE, LIST_WORK = 16, 256   # soft-min work item: 16 rows x up to 256 entries each
 
 
 def select_triton(x, y, hx, hy, eps: float, pairs_xy, pairs_yx, block: int, tau: float):
@@ -130,45 +164,69 @@ def select_triton(x, y, hx, hy, eps: float, pairs_xy, pairs_yx, block: int, tau:
     row's largest or of their column's (weights hx on x, hy on y; pairs: CSR both ways)."""
     _check(x, y, hy, block)
     _check(y, x, hx, block)
-    bm = bn = min(32, block)
+    bm, bn, split = min(128, block), min(32, block), SELECT_SPLIT
     meta = dict(BLOCK=block, BLOCK_M=bm, BLOCK_N=bn, num_warps=4)
     sides = ((x, y, hy, hx, pairs_xy), (y, x, hx, hy, pairs_yx))
-    peaks = [torch.empty(r.shape[1], device=x.device, dtype=torch.float32) for r, *_ in sides]
-    for (r, c, h, hr, pairs), peak in zip(sides, peaks):
-        _select_kernel[(r.shape[1] // bm,)](r, c, h, hr, *pairs, peak, peak, peak, peak, peak, r.shape[1],
-                                           c.shape[1], LOG2E, LOG2E / eps, tau * LOG2E, MODE=0, **meta)
+    peaks = []
+    for r, c, h, hr, pairs in sides:
+        part = torch.empty(split, r.shape[1], device=x.device, dtype=torch.float32)
+        _select_kernel[(r.shape[1] // bm, split)](r, c, h, hr, *pairs, part, part, part, part, part, r.shape[1],
+                                                  c.shape[1], LOG2E, LOG2E / eps, tau * LOG2E, MODE=0, **meta)
+        peaks.append(part.amax(0))
     out = []
     for (r, c, h, hr, pairs), peak, peak_c in zip(sides, peaks, peaks[::-1]):
-        count = torch.empty(r.shape[1], device=x.device, dtype=torch.int32)
-        args = (r.shape[1], c.shape[1], LOG2E, LOG2E / eps, tau * LOG2E)
-        _select_kernel[(r.shape[1] // bm,)](r, c, h, hr, *pairs, peak, peak_c, count, count, count, *args,
-                                           MODE=1, **meta)
-        ends = torch.cumsum(count, 0)
+        n = r.shape[1]
+        parts = torch.empty(split, n, device=x.device, dtype=torch.int32)
+        args = (n, c.shape[1], LOG2E, LOG2E / eps, tau * LOG2E)
+        _select_kernel[(n // bm, split)](r, c, h, hr, *pairs, peak, peak_c, parts, parts, parts, *args,
+                                         MODE=1, **meta)
+        count = parts.sum(0, dtype=torch.int32)
+        ends = torch.cumsum(count, 0, dtype=torch.int64)
         entries = int(ends[-1])                                    # one host sync
         if entries >= 1 << 31:
             raise RuntimeError(f"{entries} point-list entries: more than int32 indices hold")
         start = (ends - count).int()
-        cols = torch.empty(max(entries, 1), device=x.device, dtype=torch.int32)
-        _select_kernel[(r.shape[1] // bm,)](r, c, h, hr, *pairs, peak, peak_c, start, count, cols, *args,
-                                           MODE=2, **meta)
+        at = (start + torch.cumsum(parts, 0, dtype=torch.int32) - parts).contiguous()   # each share's first
+        cols = torch.full((max(entries, 1),), -1, device=x.device, dtype=torch.int32)
+        _select_kernel[(n // bm, split)](r, c, h, hr, *pairs, peak, peak_c, at, parts, cols, *args,
+                                         MODE=2, **meta)
         out.append(PointLists(start, count, cols, entries))
     return tuple(out)
+
+
+def _work_items(lists: PointLists, tile: int, work: int):
+    """(tile of each work item, its part, first item of each tile): the soft-min's grid, so that a
+    tile of rows with thousands of entries each (near the camera) is shared by many programs."""
+    if "work" not in lists.cache:
+        longest = lists.count.view(-1, tile).amax(1)
+        parts = (longest + work - 1) // work
+        parts = parts.clamp_min(1)
+        first = torch.zeros(len(parts) + 1, device=parts.device, dtype=torch.int32)
+        first[1:] = torch.cumsum(parts, 0)
+        n = int(first[-1])                                          # one host sync
+        tiles = torch.repeat_interleave(torch.arange(len(parts), device=parts.device, dtype=torch.int32),
+                                        parts, output_size=n)
+        lists.cache["work"] = tiles, torch.arange(n, device=parts.device, dtype=torch.int32) - first[tiles.long()], first
+    return lists.cache["work"]
 
 
 def softmin_lists_triton(x, y, h, eps: float, lists: PointLists, pot=None, relax=None):
     """softmin_triton's contract (pot, relax) over point lists instead of block pairs."""
     n_pad, m_pad = x.shape[1], y.shape[1]
+    bm = LIST_TILE
+    while n_pad % bm:
+        bm //= 2
+    tiles, parts, first = _work_items(lists, bm, LIST_WORK)
+    m, l = torch.empty(2, len(tiles), bm, device=x.device, dtype=torch.float32)
+    _softmin_lists_kernel[(len(tiles),)](x, y, h, h if pot is None else pot, lists.start, lists.count, lists.cols,
+                                         tiles, parts, m, l, n_pad, m_pad, LOG2E / eps, LOG2E, 1.0 / eps,
+                                         HAS_G=pot is not None, FTZ=x.device.type == "cuda", BLOCK_M=bm,
+                                         BLOCK_K=32, WORK=LIST_WORK, num_warps=4)
     out = torch.empty(n_pad, device=x.device, dtype=torch.float32)
     prev, lam, omega = relax if relax is not None else (out, 1.0, 1.0)
     relaxed = torch.empty_like(out) if relax is not None else out
-    bm = 16
-    while n_pad % bm:
-        bm //= 2
-    _softmin_lists_kernel[(n_pad // bm,)](x, y, h, h if pot is None else pot, lists.start, lists.count, lists.cols,
-                                          out, prev, relaxed, n_pad, m_pad, LOG2E / eps, LOG2E, 1.0 / eps,
-                                          eps / LOG2E, lam, omega, HAS_G=pot is not None,
-                                          RELAX=relax is not None, FTZ=x.device.type == "cuda",
-                                          BLOCK_M=bm, BLOCK_K=32, num_warps=4)
+    _combine_parts_kernel[(n_pad // bm,)](m, l, first, out, prev, relaxed, eps / LOG2E, lam, omega,
+                                          RELAX=relax is not None, BLOCK_M=bm)
     return out if relax is None else (out, relaxed)
 
 

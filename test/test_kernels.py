@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from ros_ot_fusion.kernels import lists as lists_module
 from ros_ot_fusion.kernels.lists import select_torch, select_triton, softmin_lists_torch, softmin_lists_triton
 from ros_ot_fusion.kernels.softmin import (barycenter_torch, barycenter_triton, dense_iterations_triton,
                                            needs_exact, softmin_torch, softmin_triton)
@@ -230,10 +231,12 @@ def test_point_lists_keep_the_entries_near_their_rows_or_columns_largest(tau):
         assert int(by_row.count[:157].min()) >= 1 and int(by_col.count[:219].min()) >= 1
 
 
-@pytest.mark.parametrize("eps", [1e-2, 1e-3])
-def test_softmin_over_point_lists_matches_float64(eps):
+@pytest.mark.parametrize("eps, work", [(1e-2, 256), (1e-3, 256), (1e-3, 32)])
+def test_softmin_over_point_lists_matches_float64(eps, work, monkeypatch):
     """The soft-min over each row's list (and the fused weights and relaxation) against float64
-    over the same entries; with lists holding whole block pairs it is the block-pair soft-min."""
+    over the same entries; with lists holding whole block pairs it is the block-pair soft-min.
+    work=32: rows of up to 224 entries are shared by up to 7 programs, merged by the combine."""
+    monkeypatch.setattr(lists_module, "LIST_WORK", work)
     lam, omega = 0.9, 1.6
     block, x, y, logw_x, logw_y, f, g, pairs, pairs_t = point_lists_case(24, eps)
     hx, hy = logw_x + f / eps, logw_y + g / eps
