@@ -45,7 +45,7 @@ from ros_ot_fusion.ot.sinkhorn import (Iterations, Problem, SinkhornResult, anne
 
 _GRID_BIAS = 1 << 20          # voxel keys: three 21-bit coordinates around a fixed origin
 DENSE_TRANSFER_PAIRS = 1 << 30   # `transfer` runs dense on the GPU up to this many point pairs
-LIST_MARGINS = (4.0, 48.0)       # point lists: chosen with tau + a margin in this range (multiscale docstring)
+LIST_MARGINS = (4.0, 200.0)      # point lists: chosen with tau + a margin in this range (multiscale docstring)
 
 
 def voxel_keys(points: torch.Tensor, size: float) -> torch.Tensor:
