@@ -86,8 +86,8 @@ def main():
     for lv in res.levels:
         print(f"   level {lv['points']}: eps {lv['eps'][0]:.3g} -> {lv['eps'][1]:.3g}, "
               f"{lv['iterations']} iterations, block pairs kept {lv.get('pairs', 1.0):.3f}"
-              + (f", entries kept {lv['entries']:.2e} in {lv['selections']} selections (last margin {lv['margin']:.0f})"
-                 if "entries" in lv else ""))
+              + (f", entries kept {lv['entries']:.2e} in {lv['selections']} selections "
+                 f"(last margin {lv['margin']:.0f})" if "entries" in lv else ""))
     if not args.no_point_lists:          # what the lists change: the same frame over whole block pairs
         ref = MultiscaleSinkhorn(args.eps, rho=args.rho, tol=args.tol, block=args.block, point_lists=False)(x, y)
         df = ((res.f - ref.f).abs().max() / args.eps).item()

@@ -26,8 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ros_ot_fusion.kernels.softmin import (LOG2E, _NEG, _check, _exp2, _load_tile, _rows, _tile_count,
-                                           _tile_origin, pair_costs)
+from ros_ot_fusion.kernels.softmin import (LOG2E, _NEG, _check, _exp2, _rows, _tile_cost, _tile_count,
+                                           pair_costs)
 
 
 @dataclass
@@ -36,9 +36,9 @@ class PointLists:
 
     start: torch.Tensor          # (n_pad,) first entry of each row in cols (rows in turn, no gaps)
     count: torch.Tensor          # (n_pad,) entries of each row
-    cols: torch.Tensor           # (entries,) column indices; -1: a free slot (kernels.lists: MODE 2)
+    cols: torch.Tensor           # (entries,) column indices; -1: a slot the writing pass left free
     entries: int                 # sum of count (on the host)
-    cache: dict = field(default_factory=dict, repr=False)   # torch backend: row index and costs
+    cache: dict = field(default_factory=dict, repr=False)   # rows and costs (torch), work items (triton)
 
     def rows(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(row, column) of every entry, int64 (the torch backend's form; rows are stored in turn)."""
@@ -75,12 +75,8 @@ def _select_kernel(X, Y, H, HR, ROW_PTR, COLS, PEAK, PEAK_C, START, COUNT, OUT, 
         room = tl.load(COUNT + mine)
     count = tl.zeros([BLOCK_M, 1], tl.int32)
     for t in range(part * share, tl.minimum(part * share + share, n_tiles)):
-        j0 = _tile_origin(COLS, first, t, BLOCK, BLOCK_N, True)
-        cols, y0, y1, y2, hq = _load_tile(Y, H, m_pad, j0, c0, c1, c2, l2e, BLOCK_N)
-        d0 = x0 - y0
-        d1 = x1 - y1
-        d2 = x2 - y2
-        c = scale * (d0 * d0 + d1 * d1 + d2 * d2)
+        cols, hq, c = _tile_cost(Y, H, COLS, m_pad, first, t, c0, c1, c2, x0, x1, x2, l2e, BLOCK, BLOCK_N, True)
+        c = scale * c
         if MODE == 0:
             peak = tl.maximum(peak, tl.max(hq - c, axis=1, keep_dims=True))
         else:
@@ -198,15 +194,14 @@ def _work_items(lists: PointLists, tile: int, work: int):
     """(tile of each work item, its part, first item of each tile): the soft-min's grid, so that a
     tile of rows with thousands of entries each (near the camera) is shared by many programs."""
     if "work" not in lists.cache:
-        longest = lists.count.view(-1, tile).amax(1)
-        parts = (longest + work - 1) // work
-        parts = parts.clamp_min(1)
-        first = torch.zeros(len(parts) + 1, device=parts.device, dtype=torch.int32)
+        dev = lists.count.device
+        parts = ((lists.count.view(-1, tile).amax(1) + work - 1) // work).clamp_min(1)
+        first = torch.zeros(len(parts) + 1, device=dev, dtype=torch.int32)
         first[1:] = torch.cumsum(parts, 0)
         n = int(first[-1])                                          # one host sync
-        tiles = torch.repeat_interleave(torch.arange(len(parts), device=parts.device, dtype=torch.int32),
-                                        parts, output_size=n)
-        lists.cache["work"] = tiles, torch.arange(n, device=parts.device, dtype=torch.int32) - first[tiles.long()], first
+        tiles = torch.repeat_interleave(torch.arange(len(parts), device=dev, dtype=torch.int32), parts, output_size=n)
+        part = torch.arange(n, device=dev, dtype=torch.int32) - first[tiles.long()]
+        lists.cache["work"] = tiles, part, first
     return lists.cache["work"]
 
 

@@ -65,6 +65,19 @@ def _load_tile(Y, H, m_pad, j0, c0, c1, c2, l2e, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
+def _tile_cost(Y, H, COLS, m_pad, first, t, c0, c1, c2, x0, x1, x2, l2e, BLOCK: tl.constexpr,
+               BLOCK_N: tl.constexpr, SPARSE: tl.constexpr):
+    """The t-th column tile of a row tile (rows x - c, see _rows): (columns, h log2 e, squared
+    distances from exact differences), [1, BLOCK_N] and [BLOCK_M, BLOCK_N]."""
+    j0 = _tile_origin(COLS, first, t, BLOCK, BLOCK_N, SPARSE)
+    cols, y0, y1, y2, hq = _load_tile(Y, H, m_pad, j0, c0, c1, c2, l2e, BLOCK_N)
+    d0 = x0 - y0
+    d1 = x1 - y1
+    d2 = x2 - y2
+    return cols, hq, d0 * d0 + d1 * d1 + d2 * d2
+
+
+@triton.jit
 def _rows(X, n_pad, pid, BLOCK_M: tl.constexpr):
     """A row tile as [BLOCK_M, 1] tensors, centred on its first point c."""
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)[:, None]
@@ -296,12 +309,8 @@ def _barycenter_kernel(X, Y, H, V, M, L, ACC_V, ACC_C, ROW_PTR, COLS, n_pad, m_p
     start, n_tiles = _tile_count(ROW_PTR, pid, m_pad, BLOCK, BLOCK_M, BLOCK_N, SPARSE)
     share = tl.cdiv(n_tiles, tl.num_programs(1))
     for t in range(part * share, tl.minimum(part * share + share, n_tiles)):
-        j0 = _tile_origin(COLS, start, t, BLOCK, BLOCK_N, SPARSE)
-        cols, y0, y1, y2, hq = _load_tile(Y, H, m_pad, j0, c0, c1, c2, l2e, BLOCK_N)
-        d0 = x0 - y0
-        d1 = x1 - y1
-        d2 = x2 - y2
-        cost = d0 * d0 + d1 * d1 + d2 * d2            # exact differences: this pass is not hot
+        cols, hq, cost = _tile_cost(Y, H, COLS, m_pad, start, t, c0, c1, c2, x0, x1, x2, l2e,
+                                    BLOCK, BLOCK_N, SPARSE)   # exact differences: this pass is not hot
         s = hq - scale * cost
         m_new = tl.maximum(m_i, tl.max(s, axis=1, keep_dims=True))
         alpha = tl.exp2(m_i - m_new)

@@ -248,8 +248,9 @@ class MultiscaleSinkhorn:
         def moved(f, g, since) -> torch.Tensor:
             """The largest move of a potential since `since`, in units of the truncation's exponent,
             over the points that can carry mass: unbalanced, a point whose potential is over
-            rho (tau + margin) sends or receives under exp(-tau - margin) of its weight (points
-            far from the other cloud; their potentials creep for hundreds of iterations)."""
+            rho (tau + the largest margin) sends or receives under exp(-tau - margin) of its
+            weight (points far from the other cloud; their potentials creep for hundreds of
+            iterations)."""
             lam = damping(since["eps"], self.rho)
             out = []
             for p, old, lay, scale in ((f, since["f"], X, lam * since["eps"]), (g, since["g"], Y, since["eps"])):
