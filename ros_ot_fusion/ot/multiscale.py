@@ -17,8 +17,8 @@ where dmin is the gap between the blocks' bounding boxes. At the fixed point f/(
 minus the row's log-sum, so a skipped entry weighs under exp(-tau) of its row. Pairs are
 re-selected at every eps step and every convergence check, as the potentials move.
 
-Point lists. At the target eps the finest level's soft-mins run over the entries of the kept
-pairs that matter (kernels/lists.py: within exp(-tau) of their row's or column's largest), not
+Point lists (the Triton backend's default). At the target eps the finest level's soft-mins run
+over the entries of the kept pairs that matter (kernels/lists.py: within exp(-tau) of their row's or column's largest), not
 over whole pairs. Lists chosen with tau + margin hold while no potential has moved by more than
 margin / 2 eps since (what they dropped is then still under exp(-tau)). Potentials move fast
 after an eps step and then slower, by ~0.65x a check on a street scene (the largest move over 5
@@ -45,7 +45,7 @@ from ros_ot_fusion.ot.sinkhorn import (Iterations, Problem, SinkhornResult, anne
 
 _GRID_BIAS = 1 << 20          # voxel keys: three 21-bit coordinates around a fixed origin
 DENSE_TRANSFER_PAIRS = 1 << 30   # `transfer` runs dense on the GPU up to this many point pairs
-LIST_MARGINS = (4.0, 200.0)      # point lists: chosen with tau + a margin in this range (multiscale docstring)
+LIST_MARGINS = (4.0, 800.0)      # point lists: chosen with tau + a margin in this range (module docstring)
 
 
 def voxel_keys(points: torch.Tensor, size: float) -> torch.Tensor:
@@ -190,14 +190,16 @@ class MultiscaleSinkhorn:
     ~1 ms of launches and host syncs; 256 on the CPU, where every entry costs);
     omega: over-relaxation at the final eps (None: the solver's default); cuda_graphs: replay
     dense GPU iterations as CUDA graphs (graphed.py); point_lists: at the target eps, sparse
-    levels iterate over the entries that matter, not over whole block pairs (module docstring).
+    levels iterate over the entries that matter, not over whole block pairs (module docstring;
+    None: on the Triton backend only: on the CPU choosing them in torch made the aligner's cold
+    frame 3.8 -> 6.2 s, bench/RESULTS.md).
     """
 
     def __init__(self, eps: float, rho: float | None = None, tol: float = 1e-3, *,
                  sizes: list[float] | None = None, ratio: float = 4.0, scaling: float = 0.5,
                  tau: float = 16.0, block: int | None = None, max_iter: int = 500, check_every: int = 5,
                  dense_blocks: int | None = None, omega: float | None = None, backend: str = "auto",
-                 cuda_graphs: bool = True, point_lists: bool = True):
+                 cuda_graphs: bool = True, point_lists: bool | None = None):
         # block=None: 128 on the GPU (kernel efficiency), 16 on the CPU (less work wasted in
         # partly relevant block pairs, since the torch backend does every entry of a kept pair:
         # against 32, a warm aligner frame 14% faster, a 20k-point cold solve 16-28%; 8 was slower)
@@ -263,7 +265,8 @@ class MultiscaleSinkhorn:
         def refresh(f, g, eps):
             last, chosen = held.get("last"), held.get("chosen")
             held["last"] = {"eps": eps, "f": f, "g": g}
-            if not (self.point_lists and eps == self.eps and last is not None and last["eps"] == eps):
+            lists = self.point_lists if self.point_lists is not None else backend == "triton"
+            if not (lists and eps == self.eps and last is not None and last["eps"] == eps):
                 return self._problem(X, Y, f, g, eps, backend, stats)
             since = torch.stack([moved(f, g, s) for s in (last, chosen) if s is not None]).tolist()  # one sync
             if len(since) > 1 and since[1] <= chosen["margin"] / 2:
