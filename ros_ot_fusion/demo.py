@@ -88,6 +88,10 @@ def run_demo(out_dir: str | Path = "build/demo", frames: int = 20, rate: float |
         rclpy.spin_once(rec, timeout_sec=0.05)
         if len(fused) != last_count:
             last_count, last_change = len(fused), time.monotonic()
+    # each frame's extrinsic goes out on its own topic just after its cloud: let the last ones in
+    deadline = time.monotonic() + 2.0
+    while any(s not in extrinsic for s in fused) and time.monotonic() < deadline:
+        rclpy.spin_once(rec, timeout_sec=0.05)
     node_proc.send_signal(signal.SIGINT)
     node_proc.wait(timeout=30)
 
