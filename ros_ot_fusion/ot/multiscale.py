@@ -18,9 +18,9 @@ minus the row's log-sum, so a skipped entry weighs under exp(-tau) of its row. P
 re-selected at every eps step and every convergence check, as the potentials move.
 
 Point lists (the Triton backend's default). At the target eps the finest level's soft-mins run
-over the entries of the kept pairs that matter (kernels/lists.py: within exp(-tau) of their row's or column's largest), not
-over whole pairs. Lists chosen with tau + margin hold while no potential has moved by more than
-margin / 2 eps since (what they dropped is then still under exp(-tau)). Potentials move fast
+over the entries of the kept pairs that matter (kernels/lists.py: within exp(-tau) of their row's
+or column's largest), not over whole pairs. Lists chosen with tau + margin hold while no potential
+has moved by more than margin / 2 eps since (what they dropped is then still under exp(-tau)). Potentials move fast
 after an eps step and then slower, by ~0.65x a check on a street scene (the largest move over 5
 iterations going from thousands of eps to ~1), so the margin follows the last check's move: whole
 pairs while it is large, then lists with a wide margin that are kept for several checks.
