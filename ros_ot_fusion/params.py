@@ -65,7 +65,8 @@ PARAMS: tuple[Param, ...] = (
     Param("rho", 0.05, "KL marginal penalty (m^2); smaller lets more unmatched points go", 1e-4, 100.0),
     Param("tol", 1e-3, "marginal error (L1) at which each Sinkhorn solve stops", 1e-6, 1.0),
     Param("max_iter", 300, "Sinkhorn iterations per solve at most", 10, 100000),
-    Param("rigid_steps", 3, "alignment steps (solve + rigid update) at the final eps", 1, 50),
+    Param("rigid_steps", 3, "most alignment steps (solve + rigid update) at the final eps; a warm frame "
+          "stops after a step that moves the camera by under 2 mm", 1, 50),
     Param("warm_start", True, "start each frame from the last one's transform, eps and potentials"),
     Param("device", "auto", "compute device (auto: CUDA when available)", choices=("auto", "cuda", "cpu"),
           read_only=True),

@@ -106,7 +106,7 @@ def test_simulate_then_process_bag_round_trip(tmp_path):
 
 
 def test_closed_form_eigen_matches_eigh_on_planar_linear_and_random_covariances():
-    from ros_ot_fusion.fusion.align import smallest_eigenvector
+    from ros_ot_fusion.kernels.normals import smallest_eigenvector
 
     g = torch.Generator().manual_seed(int(np.random.default_rng().integers(1 << 30)))
     R = torch.linalg.qr(torch.randn(600, 3, 3, generator=g, dtype=torch.float64))[0]

@@ -254,3 +254,47 @@ def test_softmin_over_point_lists_matches_float64(eps, work, monkeypatch):
         assert float((relaxed.double().cpu() - want_relaxed).abs().max()) / eps < 2e-4
     whole = softmin_triton(x, y, hy, eps, pairs, block)
     torch.testing.assert_close(soft, whole, rtol=0, atol=1e-4 * eps)
+
+
+def test_plane_fit_matches_the_float64_eigenproblem_and_the_torch_fit():
+    """Normals and planarity of voxel centroids (planes, a pole, a blob, stray points, metres from
+    the origin) against float64 eigh of each query's 3x3x3-cell covariance, gathered by brute force;
+    Triton and torch agree on the sign too (one rule picks the eigenvector)."""
+    import numpy as np
+
+    from ros_ot_fusion.fusion.align import normals
+
+    seed = int(np.random.default_rng().integers(1 << 30))
+    g = torch.Generator().manual_seed(seed)
+    a, b = torch.rand(2, 1500, generator=g) * 4
+    floor = torch.stack([a, b, 0.02 * torch.randn(1500, generator=g)], 1)
+    wall = torch.stack([a, 0.01 * torch.randn(1500, generator=g), b], 1) + torch.tensor([0.0, 3.0, 0.0])
+    pole = torch.stack([0.01 * torch.randn(200, generator=g), 0.01 * torch.randn(200, generator=g),
+                        torch.rand(200, generator=g) * 3], 1) + torch.tensor([1.0, 1.0, 0.2])
+    blob = torch.randn(300, 3, generator=g) * 0.3 + torch.tensor([3.0, 1.5, 1.0])
+    stray = torch.rand(20, 3, generator=g) * 12 - 4
+    p = torch.cat([floor, wall, pole, blob, stray]) + torch.tensor([30.0, -20.0, 1.5])
+    at = torch.randperm(len(p), generator=g)[:400]
+    radius = 0.4
+    got = normals(p.to(DEVICE), radius, at.to(DEVICE), "triton")
+    ref = normals(p.to(DEVICE), radius, at.to(DEVICE), "torch")
+    n_got, pl_got = (t.cpu().double() for t in got)
+    n_ref, pl_ref = (t.cpu().double() for t in ref)
+    # float64 eigh of the covariance of the points in the 27 cells around each query point
+    cell = torch.floor(p.double() / radius)
+    near = ((cell[None, :] - cell[at][:, None]).abs() <= 1).all(-1).double()          # (q, n)
+    count = near.sum(1)
+    pd = p.double() - p.double().mean(0)
+    mean = near @ pd / count[:, None]
+    cov = torch.einsum("qn,ni,nj->qij", near, pd, pd) / count[:, None, None] - mean[:, :, None] * mean[:, None, :]
+    evals, evecs = torch.linalg.eigh(cov)
+    gap = (evals[:, 1] - evals[:, 0]) / evals[:, 2]
+    want = torch.where(count >= 5, gap.clamp(0, 1), torch.zeros_like(gap))
+    for normal, planarity in ((n_got, pl_got), (n_ref, pl_ref)):
+        assert float((planarity - want).abs().max()) < 1e-4, seed
+        assert torch.allclose(normal.norm(dim=1), torch.ones(len(at), dtype=torch.float64), atol=1e-6)
+        residual = (cov @ normal[:, :, None])[..., 0] - evals[:, :1] * normal          # C n = l_min n
+        assert float((residual.norm(dim=1) / evals[:, 2].clamp_min(1e-12)).max()) < 1e-4, seed
+    plane = gap > 1e-3
+    assert int(plane.sum()) > 200
+    assert bool(((n_got * n_ref).sum(1)[plane] > 1 - 1e-6).all()), seed

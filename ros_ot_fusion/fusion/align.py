@@ -24,10 +24,11 @@ near it a surface is one-sided (points pushed past the cut are gone), so the LiD
 `camera_range_margin_m` short of it (on the four test drives this helps one and hurts another; see
 bench/RESULTS.md).
 
-Across frames the state keeps T, the final eps and the finest potentials; a warm frame runs only
-`rigid_steps` solves at the final eps, started from the kept potentials; within a frame each
-solve goes on from the last one's potentials (the same points, moved by the step: `refine`). A
-cold frame (the first, or after a reset) goes on at the final eps until its step is under
+Across frames the state keeps T, the final eps and the finest potentials; a warm frame runs at
+most `rigid_steps` solves at the final eps, started from the kept potentials, and stops after a
+step under `converged_m` (on a drive the second step of a warm frame moved T by 0.00-0.06 mm after
+a first of 0.1-1.6 mm); within a frame each solve goes on from the last one's potentials (the same
+points, moved by the step: `refine`). A cold frame (the first, or after a reset) goes on at the final eps until its step is under
 `converged_m` (at most `cold_extra_steps` more): from a 5 deg / 0.3 m prior the schedule alone
 can stop 1 deg / 40 cm short along a street's weakly constrained directions, and the fused
 information of later frames then holds the estimate there (seen on a 128-beam drive).
@@ -41,8 +42,9 @@ import numpy as np
 import torch
 from torch.profiler import record_function
 
-from ros_ot_fusion.ot.multiscale import MultiscaleResult, MultiscaleSinkhorn, WarmStart, cluster, voxel_keys
-from ros_ot_fusion.ot.sinkhorn import eps_schedule
+from ros_ot_fusion.kernels.normals import plane_fit
+from ros_ot_fusion.ot.multiscale import MultiscaleResult, MultiscaleSinkhorn, WarmStart, voxel_keys
+from ros_ot_fusion.ot.sinkhorn import eps_schedule, resolve_backend
 from ros_ot_fusion.transforms import axis_angle_to_matrix
 
 
@@ -64,11 +66,11 @@ class AlignConfig:
     rho: float = 0.05
     tol: float = 1e-3
     max_iter: int = 300
-    rigid_steps: int = 3
+    rigid_steps: int = 3            # a warm frame's most solves; it stops once converged
     warm_start: bool = True
     memory: float = 0.8             # per-frame decay of earlier frames' information (0: none)
     cold_extra_steps: int = 12      # a cold frame's further steps at the final eps, until converged
-    converged_m: float = 0.002      # ... converged: a step under this (rotation in metres at the cloud's radius)
+    converged_m: float = 0.002      # converged: a step under this (rotation in metres at the cloud's radius)
 
     @property
     def camera_range_m(self) -> float:
@@ -143,77 +145,27 @@ def in_range(p: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
 def voxel_downsample(p: torch.Tensor, size: float, values: torch.Tensor | None = None):
     """Voxel centroids (k, 3), the mean of per-point values (k, ...) in each voxel (None without
     values) and the number of points in each voxel (k,) float."""
-    centroid, _, parent = cluster(p, torch.zeros(len(p), device=p.device), size)
-    count = torch.bincount(parent, minlength=len(centroid)).float()
+    _, parent, count = torch.unique(voxel_keys(p, size), return_inverse=True, return_counts=True)
+    count = count.float()
+    centroid = torch.zeros(len(count), 3, device=p.device).index_add_(0, parent, p) / count[:, None]
     if values is None:
         return centroid, None, count
     total = torch.zeros(len(centroid), *values.shape[1:], device=p.device).index_add_(0, parent, values.float())
     return centroid, total / count.reshape(-1, *[1] * (values.dim() - 1)), count
 
 
-_NEIGHBOURS = torch.tensor([(dx << 42) + (dy << 21) + dz for dx in (-1, 0, 1) for dy in (-1, 0, 1)
-                            for dz in (-1, 0, 1)], dtype=torch.int64)
-
-
-def normals(p: torch.Tensor, radius: float, at: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def normals(p: torch.Tensor, radius: float, at: torch.Tensor | None = None,
+            backend: str = "torch") -> tuple[torch.Tensor, torch.Tensor]:
     """Unit normals (k, 3) and planarity in [0, 1] (k,) from the covariance of the points p in the
     3x3x3 voxels (edge `radius`) around each point p[at] (all points without `at`); planarity 0
     where too few points define a plane."""
     keys = voxel_keys(p, radius)
     cells, inv = torch.unique(keys, return_inverse=True)
-    k = len(cells)
-    ones = torch.ones(len(p), device=p.device, dtype=torch.float64)
     pd = p.double() - p.double().mean(0)
-    count = torch.zeros(k, device=p.device, dtype=torch.float64).index_add_(0, inv, ones)
-    s1 = torch.zeros(k, 3, device=p.device, dtype=torch.float64).index_add_(0, inv, pd)
-    s2 = torch.zeros(k, 9, device=p.device, dtype=torch.float64).index_add_(
-        0, inv, (pd[:, :, None] * pd[:, None, :]).reshape(-1, 9))
-    near = (keys if at is None else keys[at])[:, None] + to_device(_NEIGHBOURS, p.device, torch.int64)  # (k, 27)
-    pos = torch.searchsorted(cells, near).clamp_max(k - 1)
-    hit = (cells[pos] == near).double()
-    n = (count[pos] * hit).sum(1)
-    mean = (s1[pos] * hit[..., None]).sum(1) / n[:, None]
-    cov = ((s2[pos] * hit[..., None]).sum(1) / n[:, None]).reshape(-1, 3, 3) - mean[:, :, None] * mean[:, None, :]
-    evals, normal = smallest_eigenvector(cov)
-    planarity = ((evals[:, 1] - evals[:, 0]) / evals[:, 2].clamp_min(1e-12)).clamp(0, 1)
-    planarity = torch.where(n >= 5, planarity, torch.zeros_like(planarity))
-    return normal.float(), planarity.float()
-
-
-def smallest_eigenvector(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eigenvalues (ascending, (n, 3)) and the unit eigenvector of the smallest, (n, 3), of
-    symmetric 3x3 matrices (n, 3, 3), in closed form. (torch.linalg.eigh on CUDA goes through
-    cuSOLVER's batched solver: gigabytes of workspace for a few thousand matrices, and an internal
-    error at ~200k.) Eigenvalues by the trigonometric solution of the characteristic cubic; the
-    eigenvector as the largest cross product of two rows of A - l_min I."""
-    eye = torch.eye(3, dtype=A.dtype, device=A.device)
-    q = A.diagonal(dim1=1, dim2=2).sum(1) / 3
-    off = A[:, 0, 1] ** 2 + A[:, 0, 2] ** 2 + A[:, 1, 2] ** 2
-    p = (((A.diagonal(dim1=1, dim2=2) - q[:, None]) ** 2).sum(1) + 2 * off) / 6
-    p = p.clamp_min(0).sqrt()
-    B = (A - q[:, None, None] * eye) / p.clamp_min(1e-30)[:, None, None]
-    det = (B[:, 0, 0] * (B[:, 1, 1] * B[:, 2, 2] - B[:, 1, 2] * B[:, 2, 1])      # no batched LU either
-           - B[:, 0, 1] * (B[:, 1, 0] * B[:, 2, 2] - B[:, 1, 2] * B[:, 2, 0])
-           + B[:, 0, 2] * (B[:, 1, 0] * B[:, 2, 1] - B[:, 1, 1] * B[:, 2, 0]))
-    phi = torch.acos((det / 2).clamp(-1, 1)) / 3
-    hi = q + 2 * p * torch.cos(phi)
-    lo = q + 2 * p * torch.cos(phi + 2 * math.pi / 3)
-    evals = torch.stack([lo, 3 * q - hi - lo, hi], 1)
-    M = A - lo[:, None, None] * eye
-    cands = torch.stack([torch.linalg.cross(M[:, 0], M[:, 1]), torch.linalg.cross(M[:, 0], M[:, 2]),
-                         torch.linalg.cross(M[:, 1], M[:, 2])], 1)                 # (n, 3, 3)
-    norm = cands.norm(dim=2)
-    best = norm.argmax(1)
-    idx = torch.arange(len(A), device=A.device)
-    v, vnorm = cands[idx, best], norm[idx, best, None]
-    # a repeated smallest eigenvalue (a line): M has rank 1 and the cross products are noise; any
-    # unit vector normal to M's largest row is an eigenvector (a blob, M = 0: any unit vector)
-    row = M[idx, M.norm(dim=2).argmax(1)]
-    perp = torch.linalg.cross(row, eye[row.abs().argmin(1)])
-    pnorm = perp.norm(dim=1, keepdim=True)
-    perp = torch.where(pnorm > 0, perp / pnorm.clamp_min(1e-300), eye[2].expand_as(perp))
-    rank2 = vnorm > 1e-6 * (M ** 2).sum((1, 2))[:, None]
-    return evals, torch.where(rank2, v / vnorm.clamp_min(1e-300), perp)
+    x, y, z = pd.unbind(1)
+    moments = torch.stack([torch.ones_like(x), x, y, z, x * x, x * y, x * z, y * y, y * z, z * z], 1)
+    sums = torch.zeros(len(cells), 10, device=p.device, dtype=torch.float64).index_add_(0, inv, moments)
+    return plane_fit(keys if at is None else keys[at], cells, sums, backend)
 
 
 def view_bounds(camera: torch.Tensor, quantile: float = 0.001) -> tuple[float, float, float, float, float]:
@@ -369,7 +321,8 @@ class Aligner:
         bounds = view_bounds(c)
         c, rgb, count = voxel_downsample(c, cfg.camera_voxel_m, rgb)
         idx = subsample(len(c), cfg.max_points, self.device)
-        nrm, planarity = normals(c, cfg.normal_radius_m, idx)      # of the kept voxels, from all of them
+        nrm, planarity = normals(c, cfg.normal_radius_m, idx,      # of the kept voxels, from all of them
+                                 resolve_backend(self.backend, self.device))
         if idx is not None:
             c, count = c[idx], count[idx]
             rgb = None if rgb is None else rgb[idx]
@@ -454,8 +407,10 @@ class Aligner:
                                                   f"(conditioning {step.conditioning:.1e})", log)
             T = step.matrix(factor) @ T
             information = step.information
-            if (cold and i == len(steps) - 1 and extra < cfg.cold_extra_steps
-                    and factor * np.linalg.norm(step.scaled()) > cfg.converged_m):
+            size = factor * np.linalg.norm(step.scaled())
+            if not cold and final and size < cfg.converged_m:
+                break                                # settled: later steps would move T by ~1% of this
+            if cold and i == len(steps) - 1 and extra < cfg.cold_extra_steps and size > cfg.converged_m:
                 steps.append(cfg.eps)                # not converged yet: one more step
                 extra += 1
         if memory is not None:
