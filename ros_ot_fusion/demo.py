@@ -79,7 +79,9 @@ def run_demo(out_dir: str | Path = "build/demo", frames: int = 20, rate: float |
         return 1
 
     print(f"[3/4] replaying the drive at rate {rate:g}")
-    player = _start(["replay", str(drive), "--rate", str(rate), "--topics", "/lidar/points", "/camera/points"])
+    # the sweeps have two subscribers (the node and this recorder): wait for both
+    player = _start(["replay", str(drive), "--rate", str(rate), "--topics", "/lidar/points", "/camera/points",
+                     "--subscribers", "2", "1", "--start-delay", "20"])
     while player.poll() is None:
         rclpy.spin_once(rec, timeout_sec=0.05)
     # frames still queued or solving: wait while results keep coming

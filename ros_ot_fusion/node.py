@@ -136,6 +136,7 @@ class Frame:
     note: str = ""                     # why there is no camera cloud (when there is none)
     silent: bool = False               # ... because the camera is silent
     paired_late: bool = False          # the camera cloud came while the sweep was queued
+    queued: float = math.nan           # time.monotonic() when it went into the queue (paired or given up)
 
 
 class Collector:
@@ -242,6 +243,7 @@ class FrameQueue:
 
     def put(self, frame: Frame) -> bool:
         """Queue a frame; False when it pushed the oldest one out."""
+        frame.queued = time.monotonic()
         with self._cv:
             dropped = len(self._items) >= self.size
             if dropped:
@@ -309,7 +311,8 @@ class Status:
     last_lidar: float | None = None    # time.monotonic() of the last sweep
     latency_ms: float = math.nan
     processing_ms: float = math.nan
-    queue_wait_ms: float = math.nan
+    sync_wait_ms: float = math.nan     # sweep receipt -> paired (waiting for its camera cloud)
+    queue_wait_ms: float = math.nan    # paired -> the worker takes it
 
 
 class FusionNode(Node):
@@ -524,7 +527,8 @@ class FusionNode(Node):
             s.paired_late += frame.paired_late
             s.latency_ms = (published - frame.received) * 1e3
             s.processing_ms = (finished - started) * 1e3
-            s.queue_wait_ms = (started - frame.received) * 1e3
+            s.sync_wait_ms = (frame.queued - frame.received) * 1e3
+            s.queue_wait_ms = (started - frame.queued) * 1e3
             if level >= ERROR:
                 s.errors += 1
                 s.last_error = message
@@ -557,7 +561,7 @@ class FusionNode(Node):
             values = {k: v for k, v in s.stats.items()}
             values.update(
                 pipeline_latency_ms=s.latency_ms, processing_time_ms=s.processing_ms,
-                queue_wait_ms=s.queue_wait_ms, frames_processed=s.processed,
+                sync_wait_ms=s.sync_wait_ms, queue_wait_ms=s.queue_wait_ms, frames_processed=s.processed,
                 frames_dropped=self.queue.dropped, frames_skipped=s.skipped,
                 frames_without_camera=s.without_camera, frames_paired_late=s.paired_late,
                 frames_with_error=s.errors,

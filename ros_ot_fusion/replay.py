@@ -1,7 +1,8 @@
 """Play a ROS 2 bag into DDS at its recorded timing, like `ros2 bag play [--clock] [--loop]`.
 
     ros-ot-fusion replay BAG [--rate R] [--loop] [--restamp] [--clock] [--topics T ...]
-                             [--qos best_effort|reliable] [--start-delay S] [--ros-args ...]
+                             [--qos best_effort|reliable] [--start-delay S] [--subscribers N ...]
+                             [--ros-args ...]
 
 Messages go out as the CDR bytes stored in the bag (no deserialization): one publisher per
 topic with the recorded message type. With `--clock`, `/clock` (rosgraph_msgs/Clock) carries
@@ -9,8 +10,11 @@ the bag's time at about 100 Hz and at every message, so nodes run with `use_sim_
 see the recorded time; with `--loop` that clock jumps back at each restart (as the recording
 does). `--restamp` stamps every message with the wall-clock time at which it is played (header
 stamps patched in the CDR bytes, /clock with them), as a live sensor would: a short bag looped,
-played faster, or played again by another process, is one drive whose time never goes back. Before the first message it waits until every topic has a subscriber, or
-`--start-delay` seconds at most, so a node started alongside does not miss the start.
+played faster, or played again by another process, is one drive whose time never goes back.
+Before the first message it waits until every topic has a subscriber (`--subscribers`: that
+many, per topic in the order of `--topics`, or one count for all), or `--start-delay` seconds
+at most, so a node started alongside does not miss the start (a recorder on a topic is a
+subscriber too: with one count the replay could start before the node had matched).
 """
 from __future__ import annotations
 
@@ -42,6 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="publisher reliability (reliable also serves best-effort subscribers)")
     parser.add_argument("--start-delay", type=float, default=1.0, metavar="S",
                         help="wait at most this long for subscribers before the first message (s)")
+    parser.add_argument("--subscribers", type=int, nargs="+", metavar="N",
+                        help="subscribers to wait for, per topic of --topics (or one count for all; default 1)")
     parser.add_argument("--ros-args", dest="ros_args", nargs=argparse.REMAINDER, default=[],
                         help="arguments for ROS (remappings, ...), to the end of the line")
     return parser
@@ -49,7 +55,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     return replay(args.bag, rate=args.rate, loop=args.loop, clock=args.clock, topics=args.topics,
-                  qos=args.qos, start_delay=args.start_delay, ros_args=args.ros_args, restamp=args.restamp)
+                  qos=args.qos, start_delay=args.start_delay, ros_args=args.ros_args, restamp=args.restamp,
+                  subscribers=args.subscribers)
 
 
 def _say(text: str, end: str = "\n") -> None:
@@ -62,7 +69,7 @@ def _interrupt(signum, frame):
 
 def replay(bag: str | Path, rate: float = 1.0, loop: bool = False, clock: bool = False,
            topics: list[str] | None = None, qos: str = "reliable", start_delay: float = 1.0,
-           ros_args: list[str] | None = None, restamp: bool = False) -> int:
+           ros_args: list[str] | None = None, restamp: bool = False, subscribers: list[int] | None = None) -> int:
     """Play `bag`; 0 when done or interrupted, 2 for a bad request."""
     from rosbags.rosbag2 import Reader
 
@@ -83,6 +90,11 @@ def replay(bag: str | Path, rate: float = 1.0, loop: bool = False, clock: bool =
         _say(f"replay: not in the bag: {', '.join(missing)} (it has {', '.join(sorted(recorded))})")
         return 2
     wanted = sorted(topics or recorded)
+    counts = subscribers or [1]
+    if len(counts) not in (1, len(topics or ())) or min(counts) < 0:
+        _say(f"replay: --subscribers takes one count, or one per topic of --topics, none negative; got {counts}")
+        return 2
+    need = dict(zip(topics, counts)) if len(counts) > 1 else dict.fromkeys(wanted, counts[0])
 
     import rclpy
     from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
@@ -105,7 +117,7 @@ def replay(bag: str | Path, rate: float = 1.0, loop: bool = False, clock: bool =
         if not player.publishers:
             _say("replay: no topic to play")
             return 2
-        player.wait_for_subscribers(start_delay)
+        player.wait_for_subscribers(start_delay, need)
         while True:
             player.play_once()
             if not loop or player.sent == 0:
@@ -168,14 +180,14 @@ class Player:
             if not pub.wait_for_all_acked(Duration(seconds=timeout_s)):
                 _say(f"replay: {topic}: not every message acknowledged within {timeout_s:g} s")
 
-    def wait_for_subscribers(self, start_delay: float) -> None:
-        """Until every topic has a subscriber (plus a short grace), at most `start_delay` s."""
+    def wait_for_subscribers(self, start_delay: float, need: dict[str, int]) -> None:
+        """Until every topic has its `need` of subscribers (plus a short grace), at most `start_delay` s."""
         deadline = time.monotonic() + max(0.0, start_delay)
         matched_at = None
         while time.monotonic() < deadline:
             self.publish_clock(self.start_ns)            # sim-time nodes start at the bag's start
-            if matched_at is None and all(p.get_subscription_count() > 0
-                                          for p in self.publishers.values()):
+            if matched_at is None and all(p.get_subscription_count() >= need[t]
+                                          for t, p in self.publishers.items()):
                 matched_at = time.monotonic()
             if matched_at is not None and time.monotonic() - matched_at >= MATCH_GRACE_S:
                 return

@@ -396,6 +396,10 @@ def test_fused_cloud_and_extrinsic_arrive(running):
     for key in ("pipeline_latency_ms", "total_ms", "frames_dropped", "camera_staleness_s", "last_error"):
         assert key in v, key
     assert float(v["pipeline_latency_ms"]) > 0
+    # the latency splits into waiting for the pair, for the worker, processing and publishing
+    waits = float(v["sync_wait_ms"]) + float(v["queue_wait_ms"])
+    assert min(float(v["sync_wait_ms"]), float(v["queue_wait_ms"])) >= 0
+    assert waits + float(v["processing_time_ms"]) <= float(v["pipeline_latency_ms"])
 
 
 def test_runtime_parameters_are_checked(running):
@@ -589,6 +593,39 @@ def test_replay_plays_a_bag_with_clock_and_stops_on_ctrl_c(tmp_path):
     assert clock and min(clock) >= t0 and max(clock) <= sent[-1][1]
     assert any(t0 < c < sent[-1][1] for c in clock)          # ticks between the messages too
     assert "interrupted" in log.read_text()
+
+
+def test_replay_waits_for_the_subscribers_asked_for(tmp_path):
+    """`--subscribers 2`: with one reader matched the replay holds the first message back; a
+    second reader lets it start (the demo's recorder must not count for the node)."""
+    from rclpy.qos import QoSProfile
+    from sensor_msgs.msg import PointCloud2
+
+    from ros_ot_fusion.io.bag import BagWriter
+    from ros_ot_fusion.replay import replay
+
+    bag = tmp_path / "bag"
+    with BagWriter(bag) as writer:
+        for k in range(3):
+            writer.write("/lidar/points", clouds(k)[0], 1_000_000_000_000 + k * 100_000_000)
+    assert replay(bag, topics=["/lidar/points"], subscribers=[1, 2]) == 2      # one count per topic
+    peer = Peer(domain(5))
+    first, second = [], []
+    peer.node.create_subscription(PointCloud2, "/lidar/points", first.append, QoSProfile(depth=10))
+    env = dict(os.environ, ROS_DOMAIN_ID=str(domain(5)), ROS_AUTOMATIC_DISCOVERY_RANGE="LOCALHOST")
+    log = tmp_path / "replay.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "ros_ot_fusion.cli", "replay", str(bag), "--topics",
+                                 "/lidar/points", "--subscribers", "2", "--start-delay", "30"],
+                                env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+    try:
+        peer.spin_until(lambda: False, 4, proc)                    # matched with one reader by now
+        assert not first and proc.poll() is None, log.read_text()
+        peer.node.create_subscription(PointCloud2, "/lidar/points", second.append, QoSProfile(depth=10))
+        assert peer.spin_until(lambda: len(first) == len(second) == 3, 30, proc), log.read_text()
+    finally:
+        stop(proc, signal.SIGINT)
+        peer.close()
 
 
 def test_replay_delivers_the_last_messages_before_it_exits(tmp_path):
