@@ -121,7 +121,7 @@ def run(args) -> dict:
             if n and (not frames or n > frames[-1]["n"]):
                 frames.append({"n": n, "t": time.monotonic(), "latency_ms": float(values["pipeline_latency_ms"]),
                                **{k: float(values.get(k, "nan")) for k in ("decode_ms", "align_ms", "fuse_ms",
-                                                                          "encode_ms", "iterations")},
+                                                                          "encode_ms", "gc_ms", "iterations")},
                                "processing_ms": float(values["processing_time_ms"]),
                                "sync_wait_ms": float(values.get("sync_wait_ms", "nan")),
                                "queue_wait_ms": float(values["queue_wait_ms"]), "level": status.level[0],
@@ -224,7 +224,8 @@ def report(result: dict, window_s: float) -> str:
         lines.append(f"{name}: {len(lat)} frames processed, latency receipt -> publish p50 {pct(lat, 50):.1f} ms, "
                      f"p99 {pct(lat, 99):.1f} ms, max {max(lat, default=math.nan):.1f} ms")
     stages = {k: pct([f[k] for f in frames if not math.isnan(f.get(k, math.nan))], 50)
-              for k in ("sync_wait_ms", "queue_wait_ms", "decode_ms", "align_ms", "fuse_ms", "encode_ms", "processing_ms")}
+              for k in ("sync_wait_ms", "queue_wait_ms", "decode_ms", "align_ms", "fuse_ms", "encode_ms", "gc_ms",
+                        "processing_ms")}
     lines.append("per frame, p50 ms: " + ", ".join(f"{k[:-3]} {v:.1f}" for k, v in stages.items()))
     received = int(final.get("lidar_received", 0))
     lines.append(f"sweeps sent {result['sweeps_sent']}, received by the node {received}, processed "

@@ -225,6 +225,22 @@ def test_queued_sweeps_take_a_camera_cloud_that_comes_late():
     assert second.camera.name == "10.09" and not second.note
 
 
+def test_gc_clock_sums_the_collectors_pauses():
+    import gc
+
+    from ros_ot_fusion.node import GcClock
+
+    clock = GcClock()
+    junk = [[i] for i in range(200_000)]          # something for a full collection to walk
+    gc.collect()
+    assert clock.total_s > 0
+    del junk
+    clock.close()
+    before = clock.total_s
+    gc.collect()
+    assert clock.total_s == before                 # closed: no longer called
+
+
 def test_descriptors_carry_ranges_choices_and_read_only():
     from ros_ot_fusion.node import coerce, descriptor
 
@@ -393,7 +409,7 @@ def test_fused_cloud_and_extrinsic_arrive(running):
     status = latest(peer)
     v = values(status)
     assert status.hardware_id == "cpu"
-    for key in ("pipeline_latency_ms", "total_ms", "frames_dropped", "camera_staleness_s", "last_error"):
+    for key in ("pipeline_latency_ms", "total_ms", "frames_dropped", "camera_staleness_s", "last_error", "gc_ms"):
         assert key in v, key
     assert float(v["pipeline_latency_ms"]) > 0
     # the latency splits into waiting for the pair, for the worker, processing and publishing
