@@ -26,8 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ros_ot_fusion.kernels.softmin import (LOG2E, _NEG, _check, _exp2, _rows, _tile_cost, _tile_count,
-                                           pair_costs)
+from ros_ot_fusion.kernels.softmin import (LOG2E, _NEG, _check, _exp2, _rows, _store_update, _tile_cost,
+                                           _tile_count, pair_costs)
 
 
 @dataclass
@@ -143,12 +143,7 @@ def _combine_parts_kernel(M, L, FIRST, OUT, PREV, RELAXED, inv_scale, lam, omega
         new = tl.maximum(peak, m)
         total = total * tl.exp2(peak - new) + tl.load(L + p * BLOCK_M + lanes) * tl.exp2(m - new)
         peak = new
-    out = -(peak + tl.log2(total)) * inv_scale
-    rows = t * BLOCK_M + lanes
-    tl.store(OUT + rows, out)
-    if RELAX:
-        prev = tl.load(PREV + rows)
-        tl.store(RELAXED + rows, prev + omega * (lam * out - prev))
+    _store_update(OUT, PREV, RELAXED, t * BLOCK_M + lanes, peak, total, inv_scale, lam, omega, RELAX)
 
 
 SELECT_SPLIT = 4        # programs a row tile's block pairs are split over while choosing entries

@@ -284,6 +284,13 @@ def _combine_kernel(M, L, OUT, PREV, RELAXED, n_pad, inv_scale, lam, omega, SPLI
     m = tl.load(M + parts)
     peak = tl.max(m, axis=0)
     total = tl.sum(tl.load(L + parts) * tl.exp2(m - peak[None, :]), axis=0)
+    _store_update(OUT, PREV, RELAXED, rows, peak, total, inv_scale, lam, omega, RELAX)
+
+
+@triton.jit
+def _store_update(OUT, PREV, RELAXED, rows, peak, total, inv_scale, lam, omega, RELAX: tl.constexpr):
+    """OUT = -(peak + log2 total) / scale (= -eps ln sum); with RELAX also the relaxed Sinkhorn
+    update RELAXED = PREV + omega (lam OUT - PREV)."""
     out = -(peak + tl.log2(total)) * inv_scale
     tl.store(OUT + rows, out)
     if RELAX:
