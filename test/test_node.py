@@ -141,14 +141,16 @@ def test_collector_goes_lidar_only_when_the_camera_is_silent_and_recovers():
 
 
 def test_frame_queue_drops_the_oldest():
-    from ros_ot_fusion.node import FrameQueue
+    from ros_ot_fusion.node import Frame, FrameQueue
 
+    a, b, c, d = (Frame(lidar=name, received=time.monotonic()) for name in "abcd")
     q = FrameQueue(2)
-    assert q.put("a") and q.put("b") and not q.put("c")
-    assert q.dropped == 1 and q.get() == "b"
-    q.put("d")
+    assert q.put(a) and q.put(b) and not q.put(c)
+    assert q.dropped == 1 and q.get() is b
+    assert a.received <= a.queued <= b.queued <= time.monotonic()     # when each went in
+    q.put(d)
     q.resize(1)
-    assert q.dropped == 2 and q.get() == "d"
+    assert q.dropped == 2 and q.get() is d
     q.close()
     assert q.get() is None
 

@@ -114,6 +114,23 @@ def assert_device_decode_matches(msg, cloud, device):
             np.testing.assert_array_equal(got.cpu().numpy(), want)
 
 
+def test_packing_on_the_device_writes_the_bytes_numpy_writes():
+    """encode's GPU path (`_rows`, run here on CPU tensors) against its numpy path: the fused
+    cloud's six 4-byte columns (one stacked launch) and a mix of widths (one column at a time)."""
+    rng = np.random.default_rng()
+    n = 777
+    xyz = torch.from_numpy(rng.normal(size=(n, 3)).astype(np.float32))
+    rgb = torch.from_numpy(rng.integers(0, 256, (n, 3), dtype=np.uint8))
+    inten, conf = (torch.from_numpy(rng.random(n, dtype=np.float32)) for _ in range(2))
+    for extra in ({"confidence": conf}, {"confidence": conf.double(), "normal": xyz * 2, "valid": conf > 0.5}):
+        msg = pc2.encode(Header(frame_id="lidar"), xyz, rgb=rgb, intensity=inten, extra=extra)
+        columns = {"x": xyz[:, 0], "y": xyz[:, 1], "z": xyz[:, 2], "intensity": inten,
+                   "rgb": (rgb[:, 0].int() << 16) | (rgb[:, 1].int() << 8) | rgb[:, 2].int(),
+                   **{k: v.to(torch.uint8) if v.dtype == torch.bool else v for k, v in extra.items()}}
+        rows = pc2._rows(columns)
+        assert rows.shape == (n, msg.point_step) and bytes(rows.numpy()) == bytes(msg.data)
+
+
 def test_encode_decode_round_trip():
     rng = np.random.default_rng(1)
     n = 1000

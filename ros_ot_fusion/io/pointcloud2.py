@@ -211,6 +211,24 @@ def _values(rows: torch.Tensor, dtype: np.dtype, name: str, swap: bool) -> torch
     return b.view(torch_dtype)[..., 0].float()
 
 
+def _float_words(rows: torch.Tensor, dtype: np.dtype, names, swap: bool) -> torch.Tensor | None:
+    """Scalar float32 fields as one strided view of the rows read as 4-byte words, (N, len(names)):
+    the layout of nearly every sensor (aligned, little-endian), a few launches where `_values`
+    takes several per field. None for any other layout."""
+    if swap or rows.shape[1] % 4:
+        return None
+    words = []
+    for name in names:
+        fmt, offset = dtype.fields[name][:2]
+        if fmt.kind != "f" or fmt.itemsize != 4 or fmt.shape or offset % 4:
+            return None
+        words.append(offset // 4)
+    table = rows.view(torch.float32)
+    if words == list(range(words[0], words[0] + len(words))):
+        return table[:, words[0]: words[0] + len(words)]
+    return torch.stack([table[:, w] for w in words], 1)
+
+
 def decode_to(msg, device) -> DevicePoints:
     """`decode` for the pipeline: xyz, rgb and intensity of the valid points as tensors on
     `device`. On a GPU they are cut out of the message's bytes there, after one host-to-device
@@ -234,15 +252,17 @@ def decode_bytes(msg, device) -> DevicePoints:
         raw = torch.frombuffer(data, dtype=torch.uint8) if len(data) else torch.zeros(0, dtype=torch.uint8)
     rows = raw.to(device).reshape(height, row_step)[:, : width * point_step].reshape(n, point_step)
     swap = bool(msg.is_bigendian)
-    xyz = torch.cat([_values(rows, dtype, k, swap) for k in "xyz"], 1)
+    xyz = _float_words(rows, dtype, "xyz", swap)
+    xyz = torch.cat([_values(rows, dtype, k, swap) for k in "xyz"], 1) if xyz is None else xyz.contiguous()
     rgb = intensity = None
     packed = next((k for k in _PACKED_COLOUR if k in dtype.names and dtype[k].itemsize == 4), None)
     if packed:                                       # 0x00RRGGBB: little-endian bytes B, G, R, A
-        rgb = _bytes(rows, dtype, packed, swap)[:, 0, [2, 1, 0]]
+        rgb = _bytes(rows, dtype, packed, swap)[:, 0, :3].flip(-1)
     elif all(k in dtype.names and not dtype[k].shape for k in "rgb"):
         rgb = torch.cat([_values(rows, dtype, k, swap).clamp(0, 255) for k in "rgb"], 1).to(torch.uint8)
     if "intensity" in dtype.names and not dtype["intensity"].shape:
-        intensity = _values(rows, dtype, "intensity", swap)[:, 0]
+        intensity = _float_words(rows, dtype, ["intensity"], swap)
+        intensity = _values(rows, dtype, "intensity", swap)[:, 0] if intensity is None else intensity[:, 0].contiguous()
     valid = torch.isfinite(xyz).all(1)
     dropped = 0
     if not bool(valid.all()):
@@ -263,6 +283,16 @@ def _tensor(values) -> torch.Tensor:
         return values
     values = np.asarray(values)
     return torch.from_numpy(np.ascontiguousarray(values, dtype=values.dtype.newbyteorder("=")))
+
+
+def _rows(columns: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The points' bytes, (N, point_step) uint8, packed where the columns lie (encode's GPU path).
+    Columns of one 4-byte value each (the fused cloud's six) go in one launch."""
+    values = list(columns.values())
+    if all(v.dim() == 1 and v.element_size() == 4 for v in values):
+        return torch.stack([v.view(torch.float32) for v in values], 1).view(torch.uint8)
+    n = len(values[0])
+    return torch.cat([v.reshape(n, -1).contiguous().view(torch.uint8) for v in values], 1)
 
 
 def encode(header, xyz, rgb=None, intensity=None, extra=None):
@@ -310,8 +340,7 @@ def encode(header, xyz, rgb=None, intensity=None, extra=None):
         del table                        # release the buffer export before handing `data` over
         dense = bool(np.isfinite(xyz.numpy()).all())
     elif n and offset:
-        rows = torch.cat([v.reshape(n, -1).contiguous().view(torch.uint8) for v in columns.values()], 1)
-        torch.frombuffer(data, dtype=torch.uint8).copy_(rows.reshape(-1))   # one device-to-host copy
+        torch.frombuffer(data, dtype=torch.uint8).copy_(_rows(columns).reshape(-1))   # one device-to-host copy
         dense = bool(torch.isfinite(xyz).all())
     else:
         dense = True
