@@ -269,6 +269,14 @@ def _ros_value(value) -> str:
     return str(value)
 
 
+def start_replay(domain_id: int, log: Path, bag: Path, *args: str, **env: str) -> subprocess.Popen:
+    """`ros-ot-fusion replay BAG ARGS...` in its own process on `domain_id`, its output in `log`."""
+    env = dict(os.environ, ROS_DOMAIN_ID=str(domain_id), ROS_AUTOMATIC_DISCOVERY_RANGE="LOCALHOST", **env)
+    with open(log, "w") as out:
+        return subprocess.Popen([sys.executable, "-m", "ros_ot_fusion.cli", "replay", str(bag), *args],
+                                env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+
+
 def start_node(domain_id: int, log: Path, params_file: Path | None = None, **params):
     args = [sys.executable, "-m", "ros_ot_fusion.cli", "node", "--ros-args"]
     if params_file is not None:
@@ -591,12 +599,8 @@ def test_replay_plays_a_bag_with_clock_and_stops_on_ctrl_c(tmp_path):
         peer.node.create_subscription(PointCloud2, topic, lambda m, t=topic: got.append((t, m)),
                                       QoSProfile(depth=50))
     peer.node.create_subscription(Clock, "/clock", ticks.append, QoSProfile(depth=200))
-    env = dict(os.environ, ROS_DOMAIN_ID=str(domain(3)), ROS_AUTOMATIC_DISCOVERY_RANGE="LOCALHOST")
     log = tmp_path / "replay.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "ros_ot_fusion.cli", "replay", str(bag), "--clock",
-                                 "--loop", "--rate", "2", "--start-delay", "20"],
-                                env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+    proc = start_replay(domain(3), log, bag, "--clock", "--loop", "--rate", "2", "--start-delay", "20")
     try:
         assert peer.spin_until(lambda: len(got) >= len(sent) + 2, 60, proc), log.read_text()
     finally:
@@ -630,12 +634,8 @@ def test_replay_waits_for_the_subscribers_asked_for(tmp_path):
     peer = Peer(domain(5))
     first, second = [], []
     peer.node.create_subscription(PointCloud2, "/lidar/points", first.append, QoSProfile(depth=10))
-    env = dict(os.environ, ROS_DOMAIN_ID=str(domain(5)), ROS_AUTOMATIC_DISCOVERY_RANGE="LOCALHOST")
     log = tmp_path / "replay.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "ros_ot_fusion.cli", "replay", str(bag), "--topics",
-                                 "/lidar/points", "--subscribers", "2", "--start-delay", "30"],
-                                env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+    proc = start_replay(domain(5), log, bag, "--topics", "/lidar/points", "--subscribers", "2", "--start-delay", "30")
     try:
         peer.spin_until(lambda: False, 4, proc)                    # matched with one reader by now
         assert not first and proc.poll() is None, log.read_text()
@@ -667,11 +667,8 @@ def test_replay_delivers_the_last_messages_before_it_exits(tmp_path):
     peer = Peer(domain(2))
     got = []
     peer.node.create_subscription(PointCloud2, "/camera/points", got.append, QoSProfile(depth=50))
-    env = dict(os.environ, ROS_DOMAIN_ID=str(domain(2)), ROS_AUTOMATIC_DISCOVERY_RANGE="LOCALHOST")
     log = tmp_path / "replay.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "ros_ot_fusion.cli", "replay", str(bag), "--rate", "4",
-                                 "--start-delay", "20"], env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+    proc = start_replay(domain(2), log, bag, "--rate", "4", "--start-delay", "20")
     try:
         peer.spin_until(lambda: proc.poll() is not None, 60)
         peer.spin_until(lambda: len(got) >= n, 5)       # what was acknowledged has arrived
@@ -705,11 +702,8 @@ def test_extrinsic_converges_on_a_simulated_bag_replayed_over_dds(tmp_path):
     peer = Peer(domain(4))
     try:
         assert peer.spin_until(lambda: peer.status, START_TIMEOUT_S, node), log.read_text()
-        with open(tmp_path / "replay.log", "w") as out:
-            replay = subprocess.Popen([sys.executable, "-m", "ros_ot_fusion.cli", "replay", str(bag), "--clock",
-                                       "--rate", "0.5", "--topics", "/lidar/points", "/camera/points",
-                                       "--start-delay", "10"], env=env, stdout=out, stderr=subprocess.STDOUT,
-                                      cwd=ROOT)
+        replay = start_replay(domain(4), tmp_path / "replay.log", bag, "--clock", "--rate", "0.5", "--topics",
+                              "/lidar/points", "/camera/points", "--start-delay", "10", OMP_NUM_THREADS="1")
 
         def error():
             return tf.pose_error(transform_to_matrix(peer.extrinsic[-1]), truth) if peer.extrinsic else (90, 9)
