@@ -28,10 +28,11 @@ Across frames the state keeps T, the final eps and the finest potentials; a warm
 most `rigid_steps` solves at the final eps, started from the kept potentials, and stops after a
 step under `converged_m` (on a drive the second step of a warm frame moved T by 0.00-0.06 mm after
 a first of 0.1-1.6 mm); within a frame each solve goes on from the last one's potentials (the same
-points, moved by the step: `refine`). A cold frame (the first, or after a reset) goes on at the final eps until its step is under
-`converged_m` (at most `cold_extra_steps` more): from a 5 deg / 0.3 m prior the schedule alone
-can stop 1 deg / 40 cm short along a street's weakly constrained directions, and the fused
-information of later frames then holds the estimate there (seen on a 128-beam drive).
+points, moved by the step: `refine`). A cold frame (the first, or after a reset) goes on at the
+final eps until its step is under `converged_m` (at most `cold_extra_steps` more): from a
+5 deg / 0.3 m prior the schedule alone can stop 1 deg / 40 cm short along a street's weakly
+constrained directions, and the fused information of later frames then holds the estimate there
+(seen on a 128-beam drive).
 """
 from __future__ import annotations
 
