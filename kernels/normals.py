@@ -138,6 +138,14 @@ def _plane_fit_kernel(Q, CELLS, SUMS, OFF, NORMAL, PLANARITY, n, k, steps, BLOCK
     tl.store(PLANARITY + rows, tl.where(cnt >= 5, planar, 0.0).to(tl.float32), mask=live)
 
 
+def _neighbour_offsets(device) -> torch.Tensor:
+    """NEIGHBOURS as an int64 tensor on `device`, made once per device (no host copy per call)."""
+    off = _offsets.get(device)
+    if off is None:
+        off = _offsets[device] = torch.tensor(NEIGHBOURS, dtype=torch.int64, device=device)
+    return off
+
+
 def plane_fit_triton(query: torch.Tensor, cells: torch.Tensor, sums: torch.Tensor, block: int = 64):
     """Normals (n, 3) float32 and planarity (n,) float32 of the query keys (n,) int64 against the
     sorted cell keys (k,) int64 with their moments (k, 10) float64."""
@@ -146,10 +154,8 @@ def plane_fit_triton(query: torch.Tensor, cells: torch.Tensor, sums: torch.Tenso
     planarity = torch.empty(n, device=query.device)
     if n == 0:
         return normal, planarity
-    off = _offsets.get(query.device)
-    if off is None:
-        off = _offsets[query.device] = torch.tensor(NEIGHBOURS, dtype=torch.int64, device=query.device)
-    _plane_fit_kernel[(triton.cdiv(n, block),)](query.contiguous(), cells.contiguous(), sums.contiguous(), off,
+    _plane_fit_kernel[(triton.cdiv(n, block),)](query.contiguous(), cells.contiguous(), sums.contiguous(),
+                                                _neighbour_offsets(query.device),
                                                 normal, planarity, n, k, max(1, k.bit_length()),
                                                 BLOCK=block, STEPS=NEWTON)
     return normal, planarity
@@ -194,7 +200,7 @@ def smallest_eigenvector(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def plane_fit_torch(query: torch.Tensor, cells: torch.Tensor, sums: torch.Tensor):
     """The reference of `plane_fit_triton` (same arguments and results)."""
     k = len(cells)
-    near = query[:, None] + torch.tensor(NEIGHBOURS, dtype=torch.int64, device=query.device)   # (n, 27)
+    near = query[:, None] + _neighbour_offsets(query.device)                                    # (n, 27)
     pos = torch.searchsorted(cells, near).clamp_max(k - 1)
     s = sums[pos] * (cells[pos] == near)[..., None]                                             # (n, 27, 10)
     s = s.sum(1)
