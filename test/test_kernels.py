@@ -280,8 +280,10 @@ def test_plane_fit_matches_the_float64_eigenproblem_and_the_torch_fit():
     ref = normals(p.to(DEVICE), radius, at.to(DEVICE), "torch")
     n_got, pl_got = (t.cpu().double() for t in got)
     n_ref, pl_ref = (t.cpu().double() for t in ref)
-    # float64 eigh of the covariance of the points in the 27 cells around each query point
-    cell = torch.floor(p.double() / radius)
+    # float64 eigh of the covariance of the points in the 27 cells around each query point; cells
+    # as the fit defines them, in float32 (p / radius rounds to the other side of an integer in
+    # float64 for a point such as y = -19.6: seed 406061723)
+    cell = torch.floor(p / radius).double()
     near = ((cell[None, :] - cell[at][:, None]).abs() <= 1).all(-1).double()          # (q, n)
     count = near.sum(1)
     pd = p.double() - p.double().mean(0)
