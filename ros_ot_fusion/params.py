@@ -61,7 +61,8 @@ PARAMS: tuple[Param, ...] = (
     Param("pyramid_voxel_sizes", [2.0, 0.5], "coarse solver levels, voxel sizes coarse->fine (m)", 0.01, 100.0),
     Param("eps_schedule", [0.25, 0.0025],
           "entropic blur schedule [start, final] (m^2): annealed by eps_scaling per alignment step", 1e-6, 100.0),
-    Param("eps_scaling", 0.5, "ratio between successive eps of the schedule", 0.05, 0.95),
+    Param("eps_scaling", 0.25, "ratio between successive eps of the schedule (a cold frame's alignment steps: "
+          "0.25 gives 5 steps from 0.25 to 0.0025, where 0.5 gave 8, for the same accuracy)", 0.05, 0.95),
     Param("rho", 0.05, "KL marginal penalty (m^2); smaller lets more unmatched points go", 1e-4, 100.0),
     Param("tol", 1e-3, "marginal error (L1) at which each Sinkhorn solve stops", 1e-6, 1.0),
     Param("max_iter", 300, "Sinkhorn iterations per solve at most", 10, 100000),

@@ -63,7 +63,7 @@ class AlignConfig:
     pyramid_voxel_sizes: tuple = (2.0, 0.5)
     eps_start: float = 0.25
     eps: float = 0.0025
-    eps_scaling: float = 0.5
+    eps_scaling: float = 0.25
     rho: float = 0.05
     tol: float = 1e-3
     max_iter: int = 300
