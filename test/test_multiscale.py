@@ -130,3 +130,44 @@ def test_transfer_onto_the_solved_rows_reproduces_the_plan(backend, dense_pairs,
     torch.testing.assert_close(ratio, res.row_mass() * len(x), atol=2e-3, rtol=2e-3)
     _, far = res.transfer(x + 50.0, v)
     assert far.max().item() < 1e-6
+
+
+def test_softmin_bound_bounds_the_soft_min_from_above_and_closely():
+    """softmin_bound against the float64 soft-min over all columns, for rows on the columns'
+    surface, off it, and far from it (blocks of 16 as on the CPU): never below it, mostly close."""
+    from ros_ot_fusion.ot.layout import Layout
+    from ros_ot_fusion.ot.multiscale import softmin_bound
+
+    eps = 0.0025
+    rows = Layout.build(torch.cat([sheet(500, 40), sheet(100, 41, (0, 0, 0.2)), sheet(50, 42, (6.0, 0, 0))]), None, 16)
+    cols = Layout.build(sheet(800, 43), None, 16)
+    h = cols.logw + 0.02 * torch.sin(3 * cols.pts[0]) / eps                 # a smooth potential, +-8 eps
+    got = rows.unpad(softmin_bound(rows, cols, h, eps)).double()           # original order
+    C = ((rows.points().double()[:, None] - cols.pts.t().double()[None]) ** 2).sum(-1)
+    exact = -eps * torch.logsumexp(h.double()[None] - C / eps, 1)
+    assert bool((got >= exact - 1e-6 * (1 + exact.abs())).all())      # (float32 costs)
+    # on the surface, mostly within an eps (observed: median 0.5; a few rows whose nearest blocks
+    # by box hold no near column are hundreds off, which only keeps more pairs)
+    assert float(((got - exact)[:500] / eps).median()) < 2
+
+
+def test_transfer_over_block_pairs_matches_the_dense_transfer():
+    """New rows that are not the solved ones (a finer sampling of the surface, points off it, far
+    points): the block pairs keep every entry that matters, so transfer gives the dense
+    barycentres and mass ratios. (Pairs chosen with potentials looked up on a grid, the highest
+    one for unseen cells, dropped the far points' nearest columns: their colours were off.)"""
+    x = sheet(300, 30)
+    y = torch.cat([sheet(1500, 31, (0.02, 0, 0)), sheet(100, 34, (0, 0, 0.5))])   # some columns unmatched
+    eps, rho = 0.0025, 0.05
+    res = MultiscaleSinkhorn(eps, rho=rho, tol=1e-4, block=16, dense_blocks=0, sizes=[1.0], backend="torch")(x, y)
+    new = torch.cat([sheet(3000, 32), sheet(300, 33, (0, 0, 0.1)), sheet(300, 35, (0, 0, 0.45)), sheet(50, 36, (8.0, 0, 0))])
+    v = torch.rand(len(y), 3, device=DEVICE) * 255
+    got_v, got_r = res.transfer(new, v)
+    C = ((new.double()[:, None] - y.double()[None]) ** 2).sum(-1)
+    logits = -math.log(len(y)) + (res.g.double()[None] - C) / eps
+    lse = torch.logsumexp(logits, 1)
+    want_v = torch.softmax(logits, 1) @ v.double()
+    want_r = torch.exp(((1 - rho / (rho + eps)) * lse).clamp_max(50.0))
+    assert int((want_r > 0.5).sum()) > 3000 and int((want_r < 1e-6).sum()) >= 50
+    torch.testing.assert_close(got_v.double(), want_v, atol=0.5, rtol=0)   # (colours are rounded to bytes)
+    torch.testing.assert_close(got_r.double(), want_r, atol=1e-4, rtol=1e-3)

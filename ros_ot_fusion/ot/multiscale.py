@@ -122,14 +122,32 @@ def _csr(keep: torch.Tensor):
     return row_ptr, cols.int()
 
 
+def softmin_bound(rows: Layout, cols: Layout, h: torch.Tensor, eps: float, blocks: int = 4) -> torch.Tensor:
+    """An upper bound, per stored row point, on softmin_eps over the columns of (C - eps h), h the
+    columns' log weight plus potential / eps: any one column j bounds it by C_ij - eps h_j. The
+    smallest of those over the `blocks` column blocks nearest the row's block (by box gap, then by
+    the distance between box centres: overlapping boxes have no gap) is within ~2 eps for most
+    points of a surface. Block pairs chosen with it keep every pair the exact potentials keep."""
+    lo_x, hi_x = rows.boxes()
+    lo_y, hi_y = cols.boxes()
+    gap = (lo_y[None] - hi_x[:, None]).clamp_min(0) + (lo_x[:, None] - hi_y[None]).clamp_min(0)
+    centres = (((lo_y + hi_y)[None] - (lo_x + hi_x)[:, None]) ** 2).sum(-1) / 4
+    rank = (gap * gap).sum(-1) + 1e-3 * centres
+    near = rank.topk(min(blocks, rank.shape[1]), 1, largest=False).indices       # (row blocks, k)
+    nb = len(near)
+    y = cols.pts.reshape(3, -1, cols.block)[:, near].reshape(3, nb, 1, -1)    # (3, row blocks, 1, k By)
+    x = rows.pts.reshape(3, nb, rows.block, 1)                               # (3, row blocks, Bx, 1)
+    c = ((x - y) ** 2).sum(0)                                                # (row blocks, Bx, k By)
+    return (c - eps * h.reshape(-1, cols.block)[near].reshape(nb, 1, -1)).amin(2).reshape(-1)
+
+
 @dataclass
 class WarmStart:
     """What one frame leaves for the next: eps, the finest level and its potentials.
 
     The next frame starts from soft c-transforms of the kept potentials onto its own points,
     f(x) = lam softmin_eps over kept y of (C - g_kept - eps log b_kept), and likewise g; the
-    block pairs of those c-transforms are chosen with the kept potentials averaged on a voxel
-    grid (cells the last frame did not see take the highest value: every pair they need stays).
+    block pairs of those c-transforms are chosen with upper bounds of them (`softmin_bound`).
     """
 
     eps: float
@@ -138,15 +156,10 @@ class WarmStart:
     y: Layout
     g: torch.Tensor
 
-    def grid_lookup(self, kept: Layout, values: torch.Tensor, new: Layout) -> torch.Tensor:
-        size = 2 * math.sqrt(self.eps)
-        keys, inv = torch.unique(voxel_keys(kept.pts.t()[: kept.n], size), return_inverse=True)
-        total = torch.zeros(len(keys), device=values.device).index_add_(0, inv, values[: kept.n])
-        count = torch.bincount(inv, minlength=len(keys)).float()
-        grid = total / count
-        k = voxel_keys(new.pts.t(), size)
-        pos = torch.searchsorted(keys, k).clamp_max(len(keys) - 1)
-        return torch.where(keys[pos] == k, grid[pos], grid.max())
+    def bounds(self, x: Layout, y: Layout, eps: float, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Upper bounds of the c-transforms onto new rows x (from the kept g) and columns y (from the kept f)."""
+        return (lam * softmin_bound(x, self.y, self.y.logw + self.g / eps, eps),
+                lam * softmin_bound(y, self.x, self.x.logw + self.f / eps, eps))
 
 
 @dataclass
@@ -171,9 +184,10 @@ class MultiscaleResult(SinkhornResult):
         dense = (self.problem.backend == "triton" and x.is_cuda
                  and -(-len(x) // w.x.block) * w.x.block * w.y.n_pad <= DENSE_TRANSFER_PAIRS)
         X = Layout.build(x.float(), None, w.x.block, sort=not dense)
-        pairs = None if dense else block_pairs(X, w.y, w.grid_lookup(w.x, w.f, X), w.g, self.eps, lam,
-                                               self.tau)[0]
-        lse, mean_v, _ = barycenter(X.pts, w.y.pts, w.y.logw + w.g / self.eps, self.eps,
+        h = w.y.logw + w.g / self.eps
+        pairs = None if dense else block_pairs(X, w.y, lam * softmin_bound(X, w.y, h, self.eps), w.g,
+                                               self.eps, lam, self.tau)[0]
+        lse, mean_v, _ = barycenter(X.pts, w.y.pts, h, self.eps,
                                     w.y.pad(v.reshape(len(v), -1).float()).contiguous(), pairs,
                                     X.block, self.problem.backend)
         ratio = torch.exp(((1 - lam) * lse).clamp_max(50.0))
@@ -300,7 +314,7 @@ class MultiscaleSinkhorn:
             Y = Layout.build(y, logb.exp(), block)
             start = max(warm.eps, eps)
             f, g = self._hand_over((warm.x, warm.y), Level(X), Level(Y), warm.f, warm.g, start, backend,
-                                   lambda: (warm.grid_lookup(warm.x, warm.f, X), warm.grid_lookup(warm.y, warm.g, Y)))
+                                   lambda: warm.bounds(X, Y, start, damping(start, self.rho)))
             # one plain iteration first: the handed-over f and g were each made from the other
             # frame's potentials, not from each other, and over-relaxation would carry their gaps
             # over (0.6x an iteration): an aligner frame's first check then read 1e3-1e11 instead of 0.2
