@@ -98,13 +98,16 @@ def useful_sizes(x: torch.Tensor, y: torch.Tensor, sizes: list[float], shrink: f
     return sorted(kept, reverse=True)
 
 
+def box_gap2(lo_x, hi_x, lo_y, hi_y) -> torch.Tensor:
+    """Squared gap between every pair of bounding boxes (nbx, nby): 0 where they overlap."""
+    gap = (lo_y[None] - hi_x[:, None]).clamp_min(0) + (lo_x[:, None] - hi_y[None]).clamp_min(0)
+    return (gap * gap).sum(-1)
+
+
 def block_pairs(x: Layout, y: Layout, f: torch.Tensor, g: torch.Tensor, eps: float, lam: float,
                 tau: float):
     """The block pairs that can matter, as CSR (x blocks -> y blocks) and its transpose."""
-    lo_x, hi_x = x.boxes()
-    lo_y, hi_y = y.boxes()
-    gap = (lo_y[None] - hi_x[:, None]).clamp_min(0) + (lo_x[:, None] - hi_y[None]).clamp_min(0)
-    d2 = (gap * gap).sum(-1) / eps                                   # (nbx, nby), in units of eps
+    d2 = box_gap2(*x.boxes(), *y.boxes()) / eps                      # (nbx, nby), in units of eps
     rows = x.block_max(f / (lam * eps))[:, None] + y.block_max(y.logw + g / eps)[None, :]
     cols = x.block_max(x.logw + f / eps)[:, None] + y.block_max(g / (lam * eps))[None, :]
     keep = (torch.maximum(rows, cols) - d2) >= -tau
@@ -130,9 +133,8 @@ def softmin_bound(rows: Layout, cols: Layout, h: torch.Tensor, eps: float, block
     points of a surface. Block pairs chosen with it keep every pair the exact potentials keep."""
     lo_x, hi_x = rows.boxes()
     lo_y, hi_y = cols.boxes()
-    gap = (lo_y[None] - hi_x[:, None]).clamp_min(0) + (lo_x[:, None] - hi_y[None]).clamp_min(0)
     centres = (((lo_y + hi_y)[None] - (lo_x + hi_x)[:, None]) ** 2).sum(-1) / 4
-    rank = (gap * gap).sum(-1) + 1e-3 * centres
+    rank = box_gap2(lo_x, hi_x, lo_y, hi_y) + 1e-3 * centres
     near = rank.topk(min(blocks, rank.shape[1]), 1, largest=False).indices       # (row blocks, k)
     nb = len(near)
     y = cols.pts.reshape(3, -1, cols.block)[:, near].reshape(3, nb, 1, -1)    # (3, row blocks, 1, k By)
