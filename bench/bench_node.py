@@ -15,7 +15,11 @@ Measured, from outside the node:
   from the sweep's receipt to the fused cloud's publication, the processing time, the queue wait;
 - once a second: the node process's resident memory (/proc/PID/status), the GPU memory torch
   holds (diagnostics `gpu_memory_mb`), sweeps received, frames processed and dropped, queue length;
-- sweeps the replay sent against sweeps the node received (lost in transport).
+- sweeps the replay sent against sweeps the node received (lost in transport);
+- end to end, as a consumer of the node sees it: a subscriber here receives every fused cloud
+  (unless --no-subscriber) and takes its age, now minus the stamp that the replay gave the sweep
+  when it played it (one clock: the same machine). This includes both DDS hops, which the
+  node's own latency does not: the time before its callback ran and the fused cloud's transport.
 
 Printed: a table per window, a summary (memory growth, latency p50/p99 per phase, drops); written:
 `soak.json` and `soak.png` in `--out`.
@@ -90,6 +94,9 @@ def run(args) -> dict:
     import rclpy
     from diagnostic_msgs.msg import DiagnosticArray
     from rclpy.qos import QoSProfile, ReliabilityPolicy
+    from sensor_msgs.msg import PointCloud2
+
+    from ros_ot_fusion.replay import cdr_stamp_ns
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -128,6 +135,14 @@ def run(args) -> dict:
                                "message": status.message})
     rec.create_subscription(DiagnosticArray, "/diagnostics", on_diagnostics,
                             QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE))
+    delivered = []
+
+    def on_fused(data: bytes) -> None:
+        # the fused cloud carries the sweep's header, stamped by the replay when it was played
+        delivered.append({"t": time.monotonic(), "e2e_ms": (time.time_ns() - cdr_stamp_ns(data)) / 1e6})
+    if not args.no_subscriber:
+        rec.create_subscription(PointCloud2, "/ros_ot_fusion/fused", on_fused,
+                                QoSProfile(depth=5, reliability=ReliabilityPolicy.RELIABLE), raw=True)
 
     def spin(seconds: float) -> None:
         end = time.monotonic() + seconds
@@ -178,9 +193,9 @@ def run(args) -> dict:
         exit_code = "killed"
     rec.destroy_node()
     rclpy.shutdown()
-    for f in frames:
+    for f in frames + delivered:
         f["t"] -= t_start
-    return {"args": vars(args), "frames": frames, "samples": samples, "phases": phase_spans,
+    return {"args": vars(args), "frames": frames, "delivered": delivered, "samples": samples, "phases": phase_spans,
             "sweeps_sent": sent, "final": latest, "node_exit": exit_code,
             "points": {"lidar": int(latest.get("lidar_points", 0)), "camera": int(latest.get("camera_points", 0))}}
 
@@ -223,6 +238,10 @@ def report(result: dict, window_s: float) -> str:
         lat = [f["latency_ms"] for f in frames if lo <= f["t"] < hi]
         lines.append(f"{name}: {len(lat)} frames processed, latency receipt -> publish p50 {pct(lat, 50):.1f} ms, "
                      f"p99 {pct(lat, 99):.1f} ms, max {max(lat, default=math.nan):.1f} ms")
+        e2e = [f["e2e_ms"] for f in result["delivered"] if lo <= f["t"] < hi]
+        if e2e:
+            lines.append(f"{name}: {len(e2e)} fused clouds received by a subscriber, end to end (played -> "
+                         f"received) p50 {pct(e2e, 50):.1f} ms, p99 {pct(e2e, 99):.1f} ms, max {max(e2e):.1f} ms")
     stages = {k: pct([f[k] for f in frames if not math.isnan(f.get(k, math.nan))], 50)
               for k in ("sync_wait_ms", "queue_wait_ms", "decode_ms", "align_ms", "fuse_ms", "encode_ms", "gc_ms",
                         "processing_ms")}
@@ -303,6 +322,8 @@ def main() -> None:
     ap.add_argument("--qos", default="reliable", choices=("reliable", "best_effort"))
     ap.add_argument("-p", action="append", default=[], metavar="NAME:=VALUE", help="a node parameter")
     ap.add_argument("--window", type=float, default=60.0, help="table window (s)")
+    ap.add_argument("--no-subscriber", action="store_true",
+                    help="no subscriber to the fused cloud (the node publishes to no reader)")
     ap.add_argument("--domain", type=int, default=int(os.environ.get("ROS_DOMAIN_ID", "43")))
     ap.add_argument("--out", default="build/soak")
     args = ap.parse_args()

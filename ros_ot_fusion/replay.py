@@ -241,12 +241,20 @@ class Player:
         _say(text, end="\n" if final or not self._tty else "\r")
 
 
+def _stamp_format(data: bytes) -> str:
+    """In the CDR bytes of a message whose first field is a std_msgs/Header, the stamp's sec and
+    nanosec follow the 4-byte encapsulation header, in its byte order (CDR_LE / CDR_BE)."""
+    return "<iI" if data[1] == 1 else ">iI"
+
+
+def cdr_stamp_ns(data: bytes) -> int:
+    """The header stamp (ns) of such a message's CDR bytes."""
+    sec, nanosec = struct.unpack_from(_stamp_format(data), data, 4)
+    return sec * 1_000_000_000 + nanosec
+
+
 def shift_stamp(data: bytes, offset_ns: int) -> bytes:
-    """The CDR bytes of a message whose first field is a std_msgs/Header, its stamp moved by
-    `offset_ns` (the stamp's sec and nanosec follow the 4-byte encapsulation header)."""
-    order = "<" if data[1] == 1 else ">"             # CDR_LE / CDR_BE
-    sec, nanosec = struct.unpack_from(order + "iI", data, 4)
-    sec, nanosec = divmod(sec * 1_000_000_000 + nanosec + offset_ns, 1_000_000_000)
+    """Such a message's CDR bytes with its stamp moved by `offset_ns`."""
     out = bytearray(data)
-    struct.pack_into(order + "iI", out, 4, sec, nanosec)
+    struct.pack_into(_stamp_format(data), out, 4, *divmod(cdr_stamp_ns(data) + offset_ns, 1_000_000_000))
     return bytes(out)

@@ -565,11 +565,12 @@ def test_replay_restamp_patches_the_header_stamp_in_the_cdr_bytes():
     from rclpy.serialization import deserialize_message, serialize_message
     from sensor_msgs.msg import PointCloud2
 
-    from ros_ot_fusion.replay import shift_stamp
+    from ros_ot_fusion.replay import cdr_stamp_ns, shift_stamp
 
     for cls in (PointCloud2, TransformStamped):
         msg = cls()
         msg.header.stamp.sec, msg.header.stamp.nanosec, msg.header.frame_id = 10, 900_000_000, "lidar"
+        assert cdr_stamp_ns(serialize_message(msg)) == 10_900_000_000
         for offset, (sec, nanosec) in ((2_300_000_000, (13, 200_000_000)), (-950_000_000, (9, 950_000_000))):
             out = deserialize_message(shift_stamp(serialize_message(msg), offset), cls)
             assert (out.header.stamp.sec, out.header.stamp.nanosec, out.header.frame_id) == (sec, nanosec, "lidar")
