@@ -9,6 +9,7 @@ setup(
     version="0.1.0",
     packages=find_packages(include=[package_name, f"{package_name}.*"]) + [f"{package_name}.kernels"],
     package_dir={f"{package_name}.kernels": "kernels"},
+    package_data={package_name: ["fastdds_large_clouds.xml"]},
     data_files=[
         ("share/ament_index/resource_index/packages", [f"resource/{package_name}"]),
         (f"share/{package_name}", ["package.xml"]),

@@ -2,7 +2,12 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
+
+# Large clouds over shared memory in one piece (see the file); a profile the user names wins.
+DDS_PROFILE = Path(__file__).with_name("fastdds_large_clouds.xml")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -105,7 +110,13 @@ def _simulate(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args, _ros_args = build_parser().parse_known_args(argv)
+    use_dds_profile()
     return args.run(args)
+
+
+def use_dds_profile() -> None:
+    """Fast DDS reads the profile when this process makes its first participant: call before."""
+    os.environ.setdefault("FASTDDS_DEFAULT_PROFILES_FILE", str(DDS_PROFILE))
 
 
 def node_main() -> int:

@@ -1,6 +1,7 @@
 """Static checks of the ament_python metadata: what `colcon build` on a ROS 2 install needs."""
 import ast
 import configparser
+import os
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -54,3 +55,22 @@ def test_version_agrees():
     import ros_ot_fusion
     root = ET.parse(ROOT / "package.xml").getroot()
     assert root.findtext("version") == ros_ot_fusion.__version__ == ast.literal_eval(setup_call()["version"])
+
+
+def test_processes_run_fast_dds_with_the_large_cloud_profile_unless_another_is_named(monkeypatch):
+    from ros_ot_fusion import cli
+
+    ns = {"d": "http://www.eprosima.com"}
+    root = ET.parse(cli.DDS_PROFILE).getroot()
+    shm = [t for t in root.iterfind(".//d:transport_descriptor", ns) if t.findtext("d:type", namespaces=ns) == "SHM"]
+    # a segment holds the clouds in flight: the fused history (depth 2) of 10 MB clouds, and more
+    assert len(shm) == 1 and int(shm[0].findtext("d:segment_size", namespaces=ns)) >= 32 * 2**20
+    used = {t.text for t in root.iterfind(".//d:participant//d:userTransports/d:transport_id", ns)}
+    assert used == {t.findtext("d:transport_id", namespaces=ns) for t in root.iterfind(".//d:transport_descriptor", ns)}
+    assert cli.DDS_PROFILE.name in ast.unparse(setup_call()["package_data"])      # installed with the package
+    monkeypatch.delenv("FASTDDS_DEFAULT_PROFILES_FILE", raising=False)
+    cli.use_dds_profile()
+    assert os.environ["FASTDDS_DEFAULT_PROFILES_FILE"] == str(cli.DDS_PROFILE)
+    monkeypatch.setenv("FASTDDS_DEFAULT_PROFILES_FILE", "/etc/mine.xml")
+    cli.use_dds_profile()
+    assert os.environ["FASTDDS_DEFAULT_PROFILES_FILE"] == "/etc/mine.xml"
