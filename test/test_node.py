@@ -428,6 +428,17 @@ def test_fused_cloud_and_extrinsic_arrive(running):
     assert waits + float(v["processing_time_ms"]) <= float(v["pipeline_latency_ms"])
 
 
+def test_the_node_maps_a_shared_memory_segment_that_holds_a_large_cloud(running):
+    """Its process takes the large-cloud DDS profile (cli.use_dds_profile): beside Fast DDS's
+    default 512 kB segments it maps one of 64 MB, so a 10 MB fused cloud goes out in one piece."""
+    if "FASTDDS_DEFAULT_PROFILES_FILE" in os.environ:
+        pytest.skip("the environment names its own DDS profile")
+    maps = Path(f"/proc/{running.proc.pid}/maps").read_text().splitlines()
+    segments = {line.split()[-1] for line in maps if "/dev/shm/fastdds_" in line and "_port" not in line}
+    sizes = sorted(os.path.getsize(s) for s in segments if os.path.exists(s))
+    assert sizes and sizes[-1] >= 64 * 2**20 and sizes[0] < 2**20, sizes
+
+
 def test_runtime_parameters_are_checked(running):
     from rcl_interfaces.msg import Parameter, ParameterType, ParameterValue
     from rcl_interfaces.srv import GetParameters, SetParameters
