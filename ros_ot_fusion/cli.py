@@ -8,6 +8,7 @@ from pathlib import Path
 
 # Large clouds over shared memory in one piece (see the file); a profile the user names wins.
 DDS_PROFILE = Path(__file__).with_name("fastdds_large_clouds.xml")
+SHM_NEEDED = 256 * 2**20      # free /dev/shm the profile wants: this process's segment and its peers'
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -114,9 +115,22 @@ def main(argv: list[str] | None = None) -> int:
     return args.run(args)
 
 
-def use_dds_profile() -> None:
-    """Fast DDS reads the profile when this process makes its first participant: call before."""
-    os.environ.setdefault("FASTDDS_DEFAULT_PROFILES_FILE", str(DDS_PROFILE))
+def use_dds_profile(shm: str = "/dev/shm") -> None:
+    """Fast DDS reads the profile when this process makes its first participant: call before.
+    Not where shared memory is short (a container's default /dev/shm is 64 MB): a segment that
+    outgrows it would fail mid-publish, so Fast DDS's defaults stay."""
+    if "FASTDDS_DEFAULT_PROFILES_FILE" in os.environ:
+        return
+    try:
+        st = os.statvfs(shm)
+        free = st.f_bavail * st.f_frsize
+    except OSError:
+        free = 0
+    if free < SHM_NEEDED:
+        print(f"ros-ot-fusion: {free / 2**20:.0f} MB free in {shm}, under the {SHM_NEEDED / 2**20:.0f} MB the "
+              f"large-cloud DDS profile wants: Fast DDS's default transports", file=sys.stderr)
+        return
+    os.environ["FASTDDS_DEFAULT_PROFILES_FILE"] = str(DDS_PROFILE)
 
 
 def node_main() -> int:

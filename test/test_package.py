@@ -4,6 +4,7 @@ import configparser
 import os
 import xml.etree.ElementTree as ET
 from pathlib import Path
+from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -57,7 +58,7 @@ def test_version_agrees():
     assert root.findtext("version") == ros_ot_fusion.__version__ == ast.literal_eval(setup_call()["version"])
 
 
-def test_processes_run_fast_dds_with_the_large_cloud_profile_unless_another_is_named(monkeypatch):
+def test_processes_run_fast_dds_with_the_large_cloud_profile_unless_another_is_named(monkeypatch, tmp_path):
     from ros_ot_fusion import cli
 
     ns = {"d": "http://www.eprosima.com"}
@@ -69,6 +70,15 @@ def test_processes_run_fast_dds_with_the_large_cloud_profile_unless_another_is_n
     assert used == {t.findtext("d:transport_id", namespaces=ns) for t in root.iterfind(".//d:transport_descriptor", ns)}
     assert cli.DDS_PROFILE.name in ast.unparse(setup_call()["package_data"])      # installed with the package
     monkeypatch.delenv("FASTDDS_DEFAULT_PROFILES_FILE", raising=False)
+    cli.use_dds_profile(str(tmp_path / "no-such-dir"))          # no shared memory: the defaults
+    assert "FASTDDS_DEFAULT_PROFILES_FILE" not in os.environ
+
+    def free(mb):
+        return lambda path: SimpleNamespace(f_bavail=mb * 2**20 // 4096, f_frsize=4096)
+    monkeypatch.setattr(os, "statvfs", free(64))
+    cli.use_dds_profile()                                        # a container's 64 MB: the defaults
+    assert "FASTDDS_DEFAULT_PROFILES_FILE" not in os.environ
+    monkeypatch.setattr(os, "statvfs", free(24 * 1024))
     cli.use_dds_profile()
     assert os.environ["FASTDDS_DEFAULT_PROFILES_FILE"] == str(cli.DDS_PROFILE)
     monkeypatch.setenv("FASTDDS_DEFAULT_PROFILES_FILE", "/etc/mine.xml")
