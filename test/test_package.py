@@ -69,7 +69,8 @@ def test_processes_run_fast_dds_with_the_large_cloud_profile_unless_another_is_n
     used = {t.text for t in root.iterfind(".//d:participant//d:userTransports/d:transport_id", ns)}
     assert used == {t.findtext("d:transport_id", namespaces=ns) for t in root.iterfind(".//d:transport_descriptor", ns)}
     assert cli.DDS_PROFILE.name in ast.unparse(setup_call()["package_data"])      # installed with the package
-    monkeypatch.delenv("FASTDDS_DEFAULT_PROFILES_FILE", raising=False)
+    monkeypatch.setenv("FASTDDS_DEFAULT_PROFILES_FILE", "")     # so that what the test sets is undone
+    monkeypatch.delenv("FASTDDS_DEFAULT_PROFILES_FILE")
     cli.use_dds_profile(str(tmp_path / "no-such-dir"))          # no shared memory: the defaults
     assert "FASTDDS_DEFAULT_PROFILES_FILE" not in os.environ
 
