@@ -18,10 +18,10 @@ def deterministic_cloud(n: int, seed: int):
 
 
 if __name__ == "__main__":
-    topic, n, seed = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    topic, n, seed, reliability = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
     rclpy.init()
     node = rclpy.create_node("test_cloud_publisher")
-    pub = node.create_publisher(PointCloud2, topic, QoSProfile(depth=2, reliability=ReliabilityPolicy.RELIABLE))
+    pub = node.create_publisher(PointCloud2, topic, QoSProfile(depth=2, reliability=ReliabilityPolicy[reliability.upper()]))
     xyz, rgb = deterministic_cloud(n, seed)
     msg = pc2.encode(Header(frame_id="lidar"), xyz, rgb=rgb)
     deadline = time.monotonic() + 60
