@@ -111,7 +111,8 @@ def _simulate(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args, _ros_args = build_parser().parse_known_args(argv)
-    use_dds_profile()
+    if args.command in ("node", "replay", "demo"):           # the commands that speak DDS
+        use_dds_profile()
     return args.run(args)
 
 
