@@ -377,6 +377,7 @@ class FusionNode(Node):
         camera_sub = self.create_subscription(PointCloud2, v["camera_topic"], self._on_camera, sensor_qos)
         lidar_sub = self.create_subscription(PointCloud2, v["lidar_topic"], self._on_lidar, sensor_qos)
         self.lidar_topic, self.camera_topic = lidar_sub.topic_name, camera_sub.topic_name   # remapped
+        self._lidar_sub = lidar_sub
         # Reliable publishers match both best-effort and reliable subscribers; the extrinsic is
         # latched (transient local) so a late subscriber gets the current estimate at once.
         self.fused_pub = self.create_publisher(PointCloud2, "~/fused", QoSProfile(depth=2))
@@ -582,6 +583,12 @@ class FusionNode(Node):
                 level = WARN
                 message = (f"no LiDAR sweep on {self.lidar_topic} yet" if s.last_lidar is None
                            else f"no LiDAR sweep for {lidar_staleness:.1f} s")
+                publishers = self._lidar_sub.get_publisher_count()
+                if publishers:
+                    # a writer whose shared-memory segment is too small loses every large
+                    # best-effort cloud (bench/RESULTS.md): say where to look
+                    message += (f", though {publishers} publisher(s) are matched: clouds of several MB may "
+                                f"not get through (best effort, small DDS shared-memory segments; README)")
             elif camera_staleness > self.collector.timeout_s and level < WARN:
                 level, message = WARN, f"camera silent for {camera_staleness:.1f} s: LiDAR only"
             values = {k: v for k, v in s.stats.items()}

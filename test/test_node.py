@@ -507,6 +507,16 @@ def test_silent_camera_gives_lidar_only_output_and_a_warning(running):
     assert peer.feed_until(lambda: any(f.width > len(LIDAR) for f in peer.fused), proc)
 
 
+def test_a_matched_lidar_publisher_that_sends_nothing_is_named_in_the_warning(running):
+    """What a user sees when a driver's large best-effort clouds never get through."""
+    peer, proc = running.peer, running.proc       # the peer's LiDAR publisher is matched, and silent now
+
+    def warned():
+        return any(level(s) == 1 and "no LiDAR sweep" in s.message and "1 publisher(s) are matched" in s.message
+                   for _, s in peer.status)
+    assert peer.spin_until(warned, 10, proc), [s.message for _, s in peer.status[-3:]]
+
+
 def test_silent_camera_with_output_none_publishes_only_diagnostics(running):
     from rcl_interfaces.msg import Parameter, ParameterType, ParameterValue
     from rcl_interfaces.srv import SetParameters
