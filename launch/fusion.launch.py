@@ -5,7 +5,8 @@
 
 The topics are remappings of the node's default inputs (/lidar/points, /camera/points). Fast DDS
 gets LARGE_DATA transports (multi-MB clouds are dropped without them), unless the environment or
-the `fastdds_builtin_transports` argument says otherwise. The RViz view expects the node at
+the `fastdds_builtin_transports` argument says otherwise, and the node its large-cloud shared-memory
+profile unless FASTDDS_DEFAULT_PROFILES_FILE names one (README). The RViz view expects the node at
 /ros_ot_fusion (no namespace) and the LiDAR frame named `lidar`.
 """
 import os
