@@ -103,6 +103,18 @@ def test_decode_matches_struct_reference(layout, seed, nan_rate):
     assert_device_decode_matches(msg, cloud, "cpu")
 
 
+def test_device_decode_reads_rows_padded_off_four_byte_boundaries():
+    """One point a row, rows 13 bytes apart: the float words of a row are not 4-byte aligned in
+    the buffer, so the one-view shortcut does not apply (found by the property test above)."""
+    fields = [PointField(name=c, offset=4 * i, datatype=7, count=1) for i, c in enumerate("xyz")]
+    points = [{"x": (1.5,), "y": (-2.0,), "z": (3.25,)}, {"x": (4.0,), "y": (5.5,), "z": (-6.0,)}]
+    msg = make_msg(fields, points, 2, 1, 12, 1, False)
+    assert msg.row_step == 13
+    cloud = pc2.decode(msg)
+    np.testing.assert_array_equal(cloud.xyz, [[1.5, -2.0, 3.25], [4.0, 5.5, -6.0]])
+    assert_device_decode_matches(msg, cloud, "cpu")
+
+
 def assert_device_decode_matches(msg, cloud, device):
     """The pipeline's torch decoder reads the same xyz, colour and intensity as `decode`."""
     mine = pc2.decode_bytes(msg, device)

@@ -214,8 +214,9 @@ def _values(rows: torch.Tensor, dtype: np.dtype, name: str, swap: bool) -> torch
 def _float_words(rows: torch.Tensor, dtype: np.dtype, names, swap: bool) -> torch.Tensor | None:
     """Scalar float32 fields as one strided view of the rows read as 4-byte words, (N, len(names)):
     the layout of nearly every sensor (aligned, little-endian), a few launches where `_values`
-    takes several per field. None for any other layout."""
-    if swap or rows.shape[1] % 4:
+    takes several per field. None for any other layout, rows that do not start on 4-byte
+    boundaries (row padding of 1-3 bytes between rows of one point) among them."""
+    if swap or rows.shape[1] % 4 or rows.stride(0) % 4 or rows.storage_offset() % 4:
         return None
     words = []
     for name in names:
