@@ -92,7 +92,7 @@ def timed(fn, *args, repeat=5):
     fn(*args)
     out = []
     for _ in range(repeat):
-        if torch.cuda.is_available() and args[0].is_cuda:
+        if args[0].is_cuda:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             fn(*args)

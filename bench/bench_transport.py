@@ -29,8 +29,8 @@ def publish(args) -> None:
 
     rclpy.init()
     node = rclpy.create_node("transport_bench_publisher")
-    reliability = ReliabilityPolicy.RELIABLE if args.qos == "reliable" else ReliabilityPolicy.BEST_EFFORT
-    pub = node.create_publisher(PointCloud2, "/transport_bench", QoSProfile(depth=5, reliability=reliability))
+    qos = QoSProfile(depth=5, reliability=ReliabilityPolicy[args.qos.upper()])
+    pub = node.create_publisher(PointCloud2, "/transport_bench", qos)
     msg = PointCloud2(height=1, width=int(args.mb * 1e6) // 16, point_step=16, is_dense=True)
     msg.row_step = msg.width * 16
     msg.data = np.random.default_rng(0).integers(0, 255, msg.row_step, dtype=np.uint8).tobytes()
@@ -72,8 +72,8 @@ def main() -> None:
     def on_cloud(msg) -> None:
         ages.append((time.time_ns() - (msg.header.stamp.sec * 1_000_000_000 + msg.header.stamp.nanosec)) / 1e6)
 
-    reliability = ReliabilityPolicy.RELIABLE if args.qos == "reliable" else ReliabilityPolicy.BEST_EFFORT
-    node.create_subscription(PointCloud2, "/transport_bench", on_cloud, QoSProfile(depth=5, reliability=reliability))
+    qos = QoSProfile(depth=5, reliability=ReliabilityPolicy[args.qos.upper()])
+    node.create_subscription(PointCloud2, "/transport_bench", on_cloud, qos)
     child = subprocess.Popen([sys.executable, __file__, "--role", "publish", "--mb", str(args.mb), "--hz",
                               str(args.hz), "--count", str(args.count), "--qos", args.qos])
     while child.poll() is None:
