@@ -16,21 +16,35 @@ Accuracy first, at `--check-size` points and `--check-eps` (where 500 iterations
 the solvers' orders of updates do not matter): each solver's transport cost <P, C> after 500
 iterations against a float64 torch loop of the same iterations. With TRITON_INTERPRET=1 the Triton solvers run
 on the CPU (tiny sizes only: a check of this script, not a timing).
+
+    python bench/bench_peers.py --multiscale [--ms-eps 1e-2 1e-3] [--tol 1e-3] [--frames 4]
+
+Multi-scale instead: our MultiscaleSinkhorn against FlashSinkhorn's `solve_multiscale` on the street
+scene (bench/scene.py: a 128-beam sweep against a 640x480 depth cloud), balanced (theirs is balanced
+only), uniform weights, to marginal error `--tol`. Both get the same points: each frame centred on the
+joint centroid and rounded to TF32 by FlashSinkhorn's own `preprocess_coordinates` (its solver requires
+it). FlashSinkhorn's first call per eps (its autotuning) is timed apart; then medians of `--frames`
+frames, ours cold and warm-started from the previous frame. Both plans are then checked by the same
+float64 pass over all pairs: the L1 errors of their row and column sums.
 """
 from __future__ import annotations
 
 import argparse
 import math
+import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
 from ros_ot_fusion.ot.sinkhorn import sinkhorn
 
 try:
+    from flash_sinkhorn.multiscale import preprocess_coordinates, solve_multiscale
     from flash_sinkhorn.sinkhorn_solvers import sinkhorn_flashstyle_alternating
 except ImportError:                      # the peer is optional
-    sinkhorn_flashstyle_alternating = None
+    sinkhorn_flashstyle_alternating = solve_multiscale = preprocess_coordinates = None
 
 
 def sheet(n: int, device, seed: int) -> torch.Tensor:
@@ -106,6 +120,77 @@ def timed(fn, *args, repeat=5):
     return sorted(out)[len(out) // 2]
 
 
+def marginal_errors(f, g, x, y, eps, rows=512) -> tuple[float, float]:
+    """L1 errors of the row and column sums of P = a b exp((f + g - C) / eps), uniform a, b, in float64
+    over every pair (row chunks; C from the float64 points)."""
+    x, y, f, g = x.double(), y.double(), f.double(), g.double()
+    la, lb = -math.log(len(x)), -math.log(len(y))
+    yy, col = (y * y).sum(1), torch.zeros_like(g)
+    row_err = 0.0
+    for i in range(0, len(x), rows):
+        xi = x[i:i + rows]
+        C = ((xi * xi).sum(1)[:, None] + yy[None] - 2 * xi @ y.T).clamp_min(0)
+        P = ((f[i:i + rows, None] + g[None] - C) / eps + la + lb).exp()
+        row_err += float((P.sum(1) - math.exp(la)).abs().sum())
+        col += P.sum(0)
+    return row_err, float((col - math.exp(lb)).abs().sum())
+
+
+def sync_ms(fn):
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    out = fn()
+    torch.cuda.synchronize()
+    return out, 1e3 * (time.perf_counter() - t)
+
+
+def multiscale(args) -> None:
+    """Our multi-scale solver against FlashSinkhorn's on the street scene (module docstring)."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    import scene
+    from ros_ot_fusion.ot.multiscale import MultiscaleSinkhorn
+
+    if solve_multiscale is None or not torch.cuda.is_available():
+        raise SystemExit("--multiscale needs flash-sinkhorn and a CUDA device")
+    frames = []
+    for k in range(args.frames + 1):
+        x, y = scene.frame(k, 1.0, device="cuda")
+        a = torch.full((len(x),), 1 / len(x), device="cuda")
+        b = torch.full((len(y),), 1 / len(y), device="cuda")
+        frames.append(preprocess_coordinates(x, y, a, b) + (a, b))
+    x, y = frames[0][:2]
+    print(f"# {torch.cuda.get_device_name()}; lidar {len(x)} x camera {len(y)} points, balanced, uniform "
+          f"weights, tol {args.tol:g}; ms (wall clock, synchronised); errors: L1 of row / column sums, float64")
+    print("\n| eps | solver | first call ms | median ms | iterations | row err | col err | note |")
+    print("|---:|---|---:|---:|---:|---:|---:|---|")
+    for eps in args.ms_eps:
+        ours = MultiscaleSinkhorn(eps, rho=None, tol=args.tol)
+        res, first = sync_ms(lambda: ours(*frames[0]))
+        ours(*frames[0])                                   # second warm-up: allocator, graphs
+        cold, warm, it_c, it_w = [], [], [], []
+        for k in range(1, len(frames)):
+            r, ms = sync_ms(lambda: ours(*frames[k]))
+            cold.append(ms), it_c.append(r.iterations)
+            w, ms = sync_ms(lambda: ours(*frames[k], warm=res.warm))
+            warm.append(ms), it_w.append(w.iterations)
+            res = w
+        x, y = frames[-1][:2]
+        err_c, err_w = marginal_errors(r.f, r.g, x, y, eps), marginal_errors(w.f, w.g, x, y, eps)
+        med = statistics.median
+        print(f"| {eps:g} | ours cold | {first:.0f} | {med(cold):.1f} | {med(it_c):.0f} | {err_c[0]:.1e} | "
+              f"{err_c[1]:.1e} | own check {r.marginal_error:.1e} |")
+        print(f"| {eps:g} | ours warm | | {med(warm):.1f} | {med(it_w):.0f} | {err_w[0]:.1e} | {err_w[1]:.1e} | "
+              f"own check {w.marginal_error:.1e} |", flush=True)
+        (f, g, info), first = sync_ms(lambda: solve_multiscale(*frames[0], eps, args.tol))
+        times, updates, stops = [], [], set()
+        for k in range(1, len(frames)):
+            (f, g, info), ms = sync_ms(lambda: solve_multiscale(*frames[k], eps, args.tol))
+            times.append(ms), updates.append(info.fine_updates), stops.add(f"{info.stop}, accepted {info.accepted}")
+        err = marginal_errors(f, g, x, y, eps)
+        print(f"| {eps:g} | FlashSinkhorn | {first:.0f} | {med(times):.1f} | {med(updates):.0f} fine | "
+              f"{err[0]:.1e} | {err[1]:.1e} | {'; '.join(sorted(stops))} |", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", type=int, nargs="+", default=[4096, 16384, 65536])
@@ -116,7 +201,13 @@ def main() -> None:
     ap.add_argument("--check-size", type=int, default=1024)
     ap.add_argument("--check-eps", type=float, default=0.1)
     ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--multiscale", action="store_true", help="the multi-scale comparison instead (docstring)")
+    ap.add_argument("--ms-eps", type=float, nargs="+", default=[1e-2, 1e-3])
+    ap.add_argument("--tol", type=float, default=1e-3)
+    ap.add_argument("--frames", type=int, default=4)
     args = ap.parse_args()
+    if args.multiscale:
+        return multiscale(args)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     solvers = {"ours": ours, "torch dense": torch_loop, "POT sinkhorn_log": pot}
     if sinkhorn_flashstyle_alternating is None or dev.type != "cuda":
