@@ -150,9 +150,13 @@ SELECT_SPLIT = 4        # programs a row tile's block pairs are split over while
 LIST_TILE, LIST_WORK = 16, 256   # soft-min work item: 16 rows x up to 256 entries each
 
 
+MAX_ENTRIES = (1 << 31) - 1      # int32 indices
+
+
 def select_triton(x, y, hx, hy, eps: float, pairs_xy, pairs_yx, block: int, tau: float):
     """(lists of x, lists of y) of one entry set: the block pairs' entries within tau of their
-    row's largest or of their column's (weights hx on x, hy on y; pairs: CSR both ways)."""
+    row's largest or of their column's (weights hx on x, hy on y; pairs: CSR both ways); None
+    where they would be more than MAX_ENTRIES."""
     _check(x, y, hy, block)
     _check(y, x, hx, block)
     bm, bn, split = min(128, block), min(32, block), SELECT_SPLIT
@@ -174,8 +178,8 @@ def select_triton(x, y, hx, hy, eps: float, pairs_xy, pairs_yx, block: int, tau:
         count = parts.sum(0, dtype=torch.int32)
         ends = torch.cumsum(count, 0, dtype=torch.int64)
         entries = int(ends[-1])                                    # one host sync
-        if entries >= 1 << 31:
-            raise RuntimeError(f"{entries} point-list entries: more than int32 indices hold")
+        if entries > MAX_ENTRIES:
+            return None
         start = (ends - count).int()
         at = (start + torch.cumsum(parts, 0, dtype=torch.int32) - parts).contiguous()   # each share's first
         cols = torch.full((max(entries, 1),), -1, device=x.device, dtype=torch.int32)
@@ -245,6 +249,8 @@ def select_torch(x, y, hx, hy, eps: float, pairs_xy, pairs_yx, block: int, tau: 
         p, i, j = keep.nonzero(as_tuple=True)
         found.append((r[p] * block + i, c[p] * block + j))
     rows, cols = (torch.cat(v) for v in zip(*found))
+    if len(rows) > MAX_ENTRIES:
+        return None
     return _grouped(rows, cols, n_pad), _grouped(cols, rows, m_pad)
 
 
@@ -267,7 +273,9 @@ def softmin_lists_torch(x, y, h, eps: float, lists: PointLists) -> torch.Tensor:
 
 
 def select(x, y, hx, hy, eps, pairs_xy, pairs_yx, block, tau, backend="torch"):
-    """(lists of x, lists of y): the entries that matter, grouped by row and by column."""
+    """(lists of x, lists of y): the entries that matter, grouped by row and by column; None where
+    they are too many for int32 indices (far from the solution, e.g. a large eps: iterate over
+    whole block pairs instead)."""
     fn = select_triton if backend == "triton" else select_torch
     return fn(x, y, hx, hy, eps, pairs_xy, pairs_yx, block, tau)
 

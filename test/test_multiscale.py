@@ -41,6 +41,20 @@ def test_multiscale_agrees_with_dense(rho, point_lists):
     torch.testing.assert_close(ms.apply(v), dense.apply(v), atol=2e-3, rtol=0)
 
 
+def test_too_many_list_entries_fall_back_to_whole_block_pairs(monkeypatch):
+    """Where point lists would overflow their int32 indices (a warm start far from the solution at
+    a large eps: 2.3e9 entries on a street frame), the solve iterates over whole block pairs."""
+    from ros_ot_fusion.kernels import lists
+
+    x, y = sheet(900, 1), sheet(1100, 2, (0.05, 0, 0))
+    args = dict(tol=1e-5, block=64, dense_blocks=0, backend="torch")
+    pairs = MultiscaleSinkhorn(0.01, point_lists=False, **args)(x, y)
+    monkeypatch.setattr(lists, "MAX_ENTRIES", 1000)             # far fewer than these lists hold
+    capped = MultiscaleSinkhorn(0.01, point_lists=True, **args)(x, y)
+    assert "entries" not in capped.levels[-1] and capped.marginal_error < 1e-5
+    torch.testing.assert_close(capped.f, pairs.f, atol=1e-6, rtol=0)
+
+
 def test_pruned_block_pairs_hold_only_negligible_entries():
     x, y = sheet(600, 3), sheet(700, 4, (0.02, 0.01, 0))
     eps, tau = 0.003, 10.0

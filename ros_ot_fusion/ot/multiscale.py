@@ -254,7 +254,10 @@ class MultiscaleSinkhorn:
             return Problem(x, y, backend, pxy, pyx)
         if x.block != y.block:
             raise ValueError("point lists need one block size on both sides")
-        lxy, lyx = select(x.pts, y.pts, x.logw + f / eps, y.logw + g / eps, eps, pxy, pyx, x.block, tau, backend)
+        lists = select(x.pts, y.pts, x.logw + f / eps, y.logw + g / eps, eps, pxy, pyx, x.block, tau, backend)
+        if lists is None:                       # over int32 indices: these pairs hold few entries to skip
+            return Problem(x, y, backend, pxy, pyx)
+        lxy, lyx = lists
         if stats is not None:
             stats["entries"] = (lxy.entries + lyx.entries) / (2 * x.n_pad * y.n_pad)
             stats["selections"] = stats.get("selections", 0) + 1
