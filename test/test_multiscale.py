@@ -52,7 +52,7 @@ def test_too_many_list_entries_fall_back_to_whole_block_pairs(monkeypatch):
     monkeypatch.setattr(lists, "MAX_ENTRIES", 1000)             # far fewer than these lists hold
     capped = MultiscaleSinkhorn(0.01, point_lists=True, **args)(x, y)
     assert "entries" not in capped.levels[-1] and capped.marginal_error < 1e-5
-    torch.testing.assert_close(capped.f, pairs.f, atol=1e-6, rtol=0)
+    assert ((capped.f - pairs.f).abs().max() / 0.01).item() < 1e-3        # in units of eps
 
 
 def test_pruned_block_pairs_hold_only_negligible_entries():
