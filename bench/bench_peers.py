@@ -24,7 +24,10 @@ scene (bench/scene.py: a 128-beam sweep against a 640x480 depth cloud), balanced
 only), uniform weights, to marginal error `--tol`. Balanced transport needs both clouds to cover the
 same surfaces, which a sweep and a forward camera do not (the whole sweep, balanced, did not converge
 for either solver): both are cut to the co-visible part, the points in voxels of `--covisible` m that
-hold points of both clouds. Both get the same points: each frame centred on the
+hold points of both clouds. Even so, LiDAR scan lines lie farther apart than the blur, so mass must
+move across them: `--clouds camera-camera` pairs the camera's depth cloud with the next frame's
+(pixel pitch under the blur), a balanced problem both solvers can finish. Both get the same points:
+each frame centred on the
 joint centroid and rounded to TF32 by FlashSinkhorn's own `preprocess_coordinates` (its solver requires
 it). FlashSinkhorn's first call per eps (its autotuning) is timed apart; then medians of `--frames`
 frames, ours cold and warm-started from the previous frame. Both plans are then checked by the same
@@ -165,12 +168,16 @@ def multiscale(args) -> None:
         raise SystemExit("--multiscale needs flash-sinkhorn and a CUDA device")
     frames = []
     for k in range(args.frames + 1):
-        x, y = covisible(*scene.frame(k, 1.0, device="cuda"), args.covisible)
+        x, y = scene.frame(k, 1.0, device="cuda")
+        if args.clouds == "camera-camera":
+            x = scene.frame(k + 1, 1.0, device="cuda")[1]
+            x, y = y, x
+        x, y = covisible(x, y, args.covisible)
         a = torch.full((len(x),), 1 / len(x), device="cuda")
         b = torch.full((len(y),), 1 / len(y), device="cuda")
         frames.append(preprocess_coordinates(x, y, a, b) + (a, b))
     x, y = frames[0][:2]
-    print(f"# {torch.cuda.get_device_name()}; lidar {len(x)} x camera {len(y)} points, balanced, uniform "
+    print(f"# {torch.cuda.get_device_name()}; {args.clouds}: {len(x)} x {len(y)} points, balanced, uniform "
           f"weights, tol {args.tol:g}, co-visible in {args.covisible:g} m voxels; ms (wall clock, synchronised); errors: L1 of row / column sums, float64")
     print("\n| eps | solver | first call ms | median ms | iterations | row err | col err | note |")
     print("|---:|---|---:|---:|---:|---:|---:|---|")
@@ -217,6 +224,7 @@ def main() -> None:
     ap.add_argument("--tol", type=float, default=1e-3)
     ap.add_argument("--frames", type=int, default=4)
     ap.add_argument("--covisible", type=float, default=0.25)
+    ap.add_argument("--clouds", choices=["sweep-camera", "camera-camera"], default="sweep-camera")
     args = ap.parse_args()
     if args.multiscale:
         return multiscale(args)
