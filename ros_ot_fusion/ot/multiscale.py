@@ -255,7 +255,7 @@ class MultiscaleSinkhorn:
         if x.block != y.block:
             raise ValueError("point lists need one block size on both sides")
         lists = select(x.pts, y.pts, x.logw + f / eps, y.logw + g / eps, eps, pxy, pyx, x.block, tau, backend)
-        if lists is None:                       # over int32 indices: these pairs hold few entries to skip
+        if lists is None:                       # more entries than int32 indices hold: whole pairs
             return Problem(x, y, backend, pxy, pyx)
         lxy, lyx = lists
         if stats is not None:
