@@ -105,11 +105,11 @@ def test_balanced_warm_start_on_street_clouds_does_not_climb():
     iterations) where plain ones reach ~0.2: two rising checks must end the over-relaxation."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
     import scene
+    from bench_peers import covisible
 
     def frame(k):                                      # the parts of both clouds that share 0.25 m voxels
-        x, y = scene.frame(k, 1.0, beams=32, steps=256, width=96, height=72)
-        kx, ky = voxel_keys(x, 0.25), voxel_keys(y, 0.25)
-        return x[torch.isin(kx, ky)].to(DEVICE), y[torch.isin(ky, kx)].to(DEVICE)
+        x, y = covisible(*scene.frame(k, 1.0, beams=32, steps=256, width=96, height=72), 0.25)
+        return x.to(DEVICE), y.to(DEVICE)
 
     solver = MultiscaleSinkhorn(1e-3, rho=None, tol=1e-3, max_iter=500, backend="torch")
     warm = solver(*frame(1), warm=solver(*frame(0)).warm)
