@@ -28,10 +28,13 @@ Dense iterations in one launch (`dense_iterations_triton`, up to PERSISTENT_MAX 
 program per multiprocessor runs all k iterations between two checks, the programs waiting for
 each other at a barrier in global memory after every half-iteration (~1.3 us on an H200),
 instead of four launches an iteration. Each program walks its rows' column blocks as SEG runs
-side by side, and after the first iteration it scales the sums by the row's last log-sum instead
-of a running maximum: the loop then has no reductions and its steps are independent (4096^2:
-26 us an iteration, against 70-87 us with the running maximum). A tile whose sums left
-[2^-100, 2^100] (potentials that moved by ~70 eps) is redone with the running maximum.
+side by side and scales the sums by a guess of the result taken from the row's own potential
+instead of a running maximum: the loop then has no reductions and its steps are independent
+(4096^2: 26 us an iteration, against 70-87 us with the running maximum). A tile whose sums left
+[2^-100, 2^100] (a potential ~70 eps from its soft-min) is redone with the running maximum.
+Its rows are centred per row tile and its columns raw, so the per-row terms are computed once
+per tile: the loop is 3 FMA + sub + ex2 + add a pair (6.6 instructions in SASS, against 9.3
+when the rows were re-centred on every column block).
 """
 from __future__ import annotations
 
@@ -115,7 +118,7 @@ def _tile_count(ROW_PTR, pid, m_pad, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
 def _lse_rows(x0, x1, x2, YC, YY, D, H, G, COLS, first, lo, hi, m_pad, scale, l2e, inv_eps, fixed,
               SPARSE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               SEG: tl.constexpr, FTZ: tl.constexpr, EXACT: tl.constexpr, HAS_G: tl.constexpr,
-              FIXED: tl.constexpr):
+              FIXED: tl.constexpr, CENTRED: tl.constexpr = False, c0=0.0, c1=0.0, c2=0.0):
     """(max, sum) of 2^(h_j - C_ij scale), [BLOCK_M, 1] each, for the rows (x0, x1, x2), [1, BLOCK_M, 1]
     each, over their column blocks lo..hi (of the CSR list COLS from `first` when SPARSE). The
     blocks are cut into SEG runs walked side by side: independent work for a program's warps.
@@ -123,7 +126,12 @@ def _lse_rows(x0, x1, x2, YC, YY, D, H, G, COLS, first, lo, hi, m_pad, scale, l2
 
     FIXED: no running maximum; the terms are scaled by 2^-fixed, `fixed` ([1, BLOCK_M, 1]) being
     a guess of the result (the last iteration's), and returned as the "max". No reductions in
-    the loop, so its steps are independent; a caller checks that the sum stayed in range."""
+    the loop, so its steps are independent; a caller checks that the sum stayed in range.
+
+    CENTRED: the rows come centred on their tile's origin c = (c0, c1, c2) and YC holds the raw
+    columns (YY, D unused): the columns are moved by -c as they are loaded, so the per-row terms
+    are computed once, not once per column block (with a thread holding a tile's rows and a
+    few columns of each block, they had cost ~2.7 instructions a pair)."""
     n_col_blocks = m_pad // BLOCK
     steps = tl.cdiv(hi - lo, SEG)
     start = lo + tl.arange(0, SEG)[:, None, None] * steps
@@ -136,18 +144,21 @@ def _lse_rows(x0, x1, x2, YC, YY, D, H, G, COLS, first, lo, hi, m_pad, scale, l2
             valid = pos < hi
             pos = tl.where(valid, pos, lo)
         b = tl.load(COLS + first + pos) if SPARSE else pos
-        e0 = x0 - tl.load(D + b)                      # rows relative to the column block's first point
-        e1 = x1 - tl.load(D + n_col_blocks + b)
-        e2 = x2 - tl.load(D + 2 * n_col_blocks + b)
-        a0 = 2.0 * scale * e0
+        if CENTRED:
+            e0, e1, e2 = x0, x1, x2
+        else:
+            e0 = x0 - tl.load(D + b)                  # rows relative to the column block's first point
+            e1 = x1 - tl.load(D + n_col_blocks + b)
+            e2 = x2 - tl.load(D + 2 * n_col_blocks + b)
+        a0 = 2.0 * scale * e0                         # (loop-invariant when CENTRED: hoisted)
         a1 = 2.0 * scale * e1
         a2 = 2.0 * scale * e2
         r = scale * (e0 * e0 + e1 * e1 + e2 * e2)
         for k in tl.static_range(BLOCK // BLOCK_N):
             cols = b * BLOCK + k * BLOCK_N + tl.arange(0, BLOCK_N)[None, None, :]
-            y0 = tl.load(YC + cols)
-            y1 = tl.load(YC + m_pad + cols)
-            y2 = tl.load(YC + 2 * m_pad + cols)
+            y0 = tl.load(YC + cols) - c0
+            y1 = tl.load(YC + m_pad + cols) - c1
+            y2 = tl.load(YC + 2 * m_pad + cols) - c2
             if HAS_G:   # .cg: potentials written by other programs of a persistent kernel (not L1)
                 hq = (tl.load(H + cols) + tl.load(G + cols, cache_modifier=".cg") * inv_eps) * l2e
             else:
@@ -161,7 +172,9 @@ def _lse_rows(x0, x1, x2, YC, YY, D, H, G, COLS, first, lo, hi, m_pad, scale, l2
                 u = hq - scale * (d0 * d0 + d1 * d1 + d2 * d2)
                 shift = tl.zeros_like(r)
             else:       # u - r = h - C/eps with r = |e|^2 scale per row: 3 FMAs a pair
-                u = (hq - scale * tl.load(YY + cols)) + a0 * y0 + a1 * y1 + a2 * y2
+                yy = y0 * y0 + y1 * y1 + y2 * y2 if CENTRED else tl.load(YY + cols)
+                # explicit FMAs: written as a sum, the compiler multiplied and then added (4 ops)
+                u = tl.fma(a2, y2, tl.fma(a1, y1, tl.fma(a0, y0, hq - scale * yy)))
                 shift = r
             if FIXED:
                 acc += _exp2(u - (shift + fixed), FTZ)
@@ -205,33 +218,39 @@ def _softmin_kernel(X, YC, YY, D, H, G, M, L, ROW_PTR, COLS, n_pad, m_pad, scale
 
 
 @triton.jit
-def _update_rows(R, r_pad, CC, CCC, CD, CH, POT, OUT, SOFT, LSE, c_pad, pid, nprog, scale, l2e, inv_eps,
+def _update_rows(R, r_pad, C, CH, POT, OUT, SOFT, c_pad, pid, nprog, scale, l2e, inv_eps,
                  inv_scale, lam, omega, update, write_soft, guess, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr, SEG: tl.constexpr, FTZ: tl.constexpr, EXACT: tl.constexpr):
-    """One half-iteration, this program's row tiles: soft = softmin over all columns (weights
+    """One half-iteration, this program's row tiles: soft = softmin over all columns C (weights
     CH + POT / eps); SOFT <- soft if write_soft; OUT <- OUT + omega (lam soft - OUT) if update.
-    LSE keeps each row's log2-sum: with `guess`, the sums are scaled by the last one instead of
-    a running maximum (see _lse_rows), and a tile whose sums left [2^-100, 2^100] is redone."""
+    Each row tile is centred on its first point (_lse_rows' CENTRED). With `guess`, the sums are
+    scaled by the row's own potential instead of a running maximum (see _lse_rows: a Sinkhorn
+    potential is lam times its soft-min once settled, so -OUT / lam guesses the result), and a
+    tile whose sums left [2^-100, 2^100] (a potential ~70 eps from its soft-min) is redone."""
     for tile in range(pid, r_pad // BLOCK_M, nprog):
         rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)[None, :, None]
-        x0 = tl.load(R + rows)
-        x1 = tl.load(R + r_pad + rows)
-        x2 = tl.load(R + 2 * r_pad + rows)
+        c0 = tl.load(R + tile * BLOCK_M)
+        c1 = tl.load(R + r_pad + tile * BLOCK_M)
+        c2 = tl.load(R + 2 * r_pad + tile * BLOCK_M)
+        x0 = tl.load(R + rows) - c0
+        x1 = tl.load(R + r_pad + rows) - c1
+        x2 = tl.load(R + 2 * r_pad + rows) - c2
         m_i = tl.zeros([BLOCK_M, 1], tl.float32)
         l_i = tl.zeros([BLOCK_M, 1], tl.float32)
         redo = 1
         if guess:
-            last = tl.load(LSE + rows, cache_modifier=".cg")
-            m_i, l_i = _lse_rows(x0, x1, x2, CC, CCC, CD, CH, POT, CD, 0, 0, c_pad // BLOCK, c_pad, scale, l2e,
-                                 inv_eps, last, False, BLOCK, BLOCK_M, BLOCK_N, SEG, FTZ, EXACT, True, True)
+            last = tl.load(OUT + rows, cache_modifier=".cg") * (-scale / lam)
+            m_i, l_i = _lse_rows(x0, x1, x2, C, C, C, CH, POT, C, 0, 0, c_pad // BLOCK, c_pad, scale, l2e,
+                                 inv_eps, last, False, BLOCK, BLOCK_M, BLOCK_N, SEG, FTZ, EXACT, True, True,
+                                 True, c0, c1, c2)
             inside = (l_i > 7.9e-31) & (l_i < 1.27e30)           # 2^-100, 2^100 (NaN is outside)
             redo = 1 - tl.min(inside.to(tl.int32))
         if redo != 0:
-            m_i, l_i = _lse_rows(x0, x1, x2, CC, CCC, CD, CH, POT, CD, 0, 0, c_pad // BLOCK, c_pad, scale, l2e,
-                                 inv_eps, 0.0, False, BLOCK, BLOCK_M, BLOCK_N, SEG, FTZ, EXACT, True, False)
+            m_i, l_i = _lse_rows(x0, x1, x2, C, C, C, CH, POT, C, 0, 0, c_pad // BLOCK, c_pad, scale, l2e,
+                                 inv_eps, 0.0, False, BLOCK, BLOCK_M, BLOCK_N, SEG, FTZ, EXACT, True, False,
+                                 True, c0, c1, c2)
         lse = m_i + tl.log2(l_i)
         rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)[:, None]
-        tl.store(LSE + rows, lse)
         soft = -lse * inv_scale
         if write_soft:
             tl.store(SOFT + rows, soft)
@@ -252,7 +271,7 @@ def _grid_barrier(SYNC, target):
 
 
 @triton.jit
-def _dense_iterations_kernel(X, XC, XX, DX, HX, F, Y, YC, YY, DY, HY, G, FSOFT, LSE_X, LSE_Y, SYNC,
+def _dense_iterations_kernel(X, HX, F, Y, HY, G, FSOFT, SYNC,
                              n_pad, m_pad, k, scale, l2e, inv_eps, inv_scale, lam, omega, BLOCK: tl.constexpr,
                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SEG: tl.constexpr,
                              FTZ: tl.constexpr, EXACT_X: tl.constexpr, EXACT_Y: tl.constexpr,
@@ -260,16 +279,16 @@ def _dense_iterations_kernel(X, XC, XX, DX, HX, F, Y, YC, YY, DY, HY, G, FSOFT, 
     """k relaxed alternating iterations of a dense problem in one launch (`sinkhorn.iterations`):
     g <- relax(g, lam softmin_y(f)), then f <- relax(f, lam softmin_x(g)), the last f update left
     undone and its soft-min written to FSOFT. A grid barrier separates the half-iterations.
-    GUESS: after the first iteration, scale the sums by the last iteration's (see _update_rows)."""
+    GUESS: scale the sums by a guess from the potentials (see _update_rows)."""
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     for it in range(k):
-        _update_rows(Y, m_pad, XC, XX, DX, HX, F, G, G, LSE_Y, n_pad, pid, nprog, scale, l2e, inv_eps,
-                     inv_scale, lam, omega, True, False, GUESS and it > 0, BLOCK, BLOCK_M, BLOCK_N, SEG, FTZ,
+        _update_rows(Y, m_pad, X, HX, F, G, G, n_pad, pid, nprog, scale, l2e, inv_eps,
+                     inv_scale, lam, omega, True, False, GUESS, BLOCK, BLOCK_M, BLOCK_N, SEG, FTZ,
                      EXACT_X)
         _grid_barrier(SYNC, (2 * it + 1) * nprog)
-        _update_rows(X, n_pad, YC, YY, DY, HY, G, F, FSOFT, LSE_X, m_pad, pid, nprog, scale, l2e, inv_eps,
-                     inv_scale, lam, omega, it != k - 1, it == k - 1, GUESS and it > 0, BLOCK, BLOCK_M, BLOCK_N,
+        _update_rows(X, n_pad, Y, HY, G, F, FSOFT, m_pad, pid, nprog, scale, l2e, inv_eps,
+                     inv_scale, lam, omega, it != k - 1, it == k - 1, GUESS, BLOCK, BLOCK_M, BLOCK_N,
                      SEG, FTZ, EXACT_Y)
         _grid_barrier(SYNC, (2 * it + 2) * nprog)
 
@@ -425,7 +444,7 @@ def dense_iterations_triton(x, y, hx, hy, f, g, eps: float, lam: float, omega: f
                             block: int, exact: tuple[bool, bool], config=None):
     """k relaxed alternating iterations, dense, in one launch; (f, g, f_soft) as `sinkhorn.iterations`
     returns them (f and g are not changed in place). exact: cost forms of the g and the f update
-    (columns x, columns y). config: (BLOCK_M, BLOCK_N, num_warps, SEG, GUESS) overrides the pinned
+    (rows y, rows x: each row tile is centred on its first point). config: (BLOCK_M, BLOCK_N, num_warps, SEG, GUESS) overrides the pinned
     choice (bench/bench_softmin.py --one-launch-sweep; bench/RESULTS.md).
 
     The programs wait for each other between half-iterations, so all must be resident at once:
@@ -444,11 +463,10 @@ def dense_iterations_triton(x, y, hx, hy, f, g, eps: float, lam: float, omega: f
     else:
         programs = 1
     f, g = f.clone(), g.clone()
-    f_soft, lse_x, lse_y = torch.empty_like(f), torch.empty_like(f), torch.empty_like(g)
+    f_soft = torch.empty_like(f)
     sync = torch.zeros(1, device=x.device, dtype=torch.int32)
-    _dense_iterations_kernel[(programs,)](x, *column_blocks(x, block), hx, f, y, *column_blocks(y, block), hy,
-                                          g, f_soft, lse_x, lse_y, sync, n_pad, m_pad, k, LOG2E / eps, LOG2E,
-                                          1.0 / eps, eps / LOG2E, lam, omega, BLOCK=block, BLOCK_M=bm,
+    _dense_iterations_kernel[(programs,)](x, hx, f, y, hy, g, f_soft, sync, n_pad, m_pad, k, LOG2E / eps,
+                                          LOG2E, 1.0 / eps, eps / LOG2E, lam, omega, BLOCK=block, BLOCK_M=bm,
                                           BLOCK_N=bn, SEG=seg, FTZ=x.is_cuda, EXACT_X=exact[0],
                                           EXACT_Y=exact[1], GUESS=guess, num_warps=warps)
     return f, g, f_soft

@@ -156,8 +156,8 @@ SIZES = (3000, 5000) if DEVICE == "cuda" else (150, 230)
 def test_dense_iterations_in_one_launch_match_float64(exact, rho, start):
     """The persistent kernel (programs waiting for each other between half-iterations) against
     k float64 iterations; run again, it must give the same bits (a missed wait would not).
-    Potentials starting 200 eps off move so far that the sums scaled by the last iteration's
-    leave their range: those tiles must be redone with a running maximum."""
+    Potentials starting 200 eps off are far from their soft-mins, so sums scaled by a guess
+    from them leave their range: those tiles must be redone with a running maximum."""
     block, eps, omega, k = 64, 1e-2, 1.6, 4
     lam = 1.0 if rho is None else rho / (rho + eps)
     (n, m), gen = SIZES, torch.Generator().manual_seed(21)

@@ -83,9 +83,10 @@ class Problem:
         return self.__dict__[name]
 
     def cost_forms(self, eps: float) -> tuple[bool, bool]:
-        """Whether the soft-mins over x (the g update) and over y (the f update) need the exact
-        cost form at this eps (kernels.softmin.needs_exact, from the column blocks' extents)."""
-        return needs_exact(self.x.extent2, eps), needs_exact(self.y.extent2, eps)
+        """Whether the dense one-launch iterations need the exact cost form at this eps, in the g
+        update and in the f update (kernels.softmin.needs_exact). That kernel centres each row
+        tile, so the rows' block extents decide: y's for the g update, x's for the f update."""
+        return needs_exact(self.y.extent2, eps), needs_exact(self.x.extent2, eps)
 
     def softmin_x(self, g: torch.Tensor, eps: float) -> torch.Tensor:
         """softmin over j of (C_ij - g_j - eps log b_j), for every x_i (padded)."""
