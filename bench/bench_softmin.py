@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from ros_ot_fusion.kernels import softmin as softmin_module
-from ros_ot_fusion.kernels.softmin import dense_iterations_triton, softmin_torch, softmin_triton
+from ros_ot_fusion.kernels.softmin import iterations_triton, softmin_torch, softmin_triton
 from ros_ot_fusion.ot import graphed
 from ros_ot_fusion.ot.layout import morton_order
 from ros_ot_fusion.ot.sinkhorn import sinkhorn
@@ -215,12 +215,12 @@ def main():
 
 
 def one_launch(x, y, eps, k=100, cfg=None):
-    """ms an iteration of `dense_iterations_triton` (k iterations in one launch), points (3, n)."""
+    """ms an iteration of `iterations_triton` (k iterations in one launch), points (3, n)."""
     n, m = x.shape[1], y.shape[1]
     lx = torch.full((n,), -float(torch.log(torch.tensor(float(n)))), device="cuda")
     ly = torch.full((m,), -float(torch.log(torch.tensor(float(m)))), device="cuda")
     f, g = torch.zeros(n, device="cuda"), torch.zeros(m, device="cuda")
-    run = lambda: dense_iterations_triton(x, y, lx, ly, f, g, eps, 0.9, 1.6, k, 128, (False, False), cfg)  # noqa: E731
+    run = lambda: iterations_triton(x, y, lx, ly, f, g, eps, 0.9, 1.6, k, 128, (False, False), config=cfg)  # noqa: E731
     return time_iteration(run, 3, 30) / k
 
 

@@ -24,12 +24,12 @@ Parallelism. A row tile's column blocks are split over SPLIT programs, each writ
 (max, sum); `_combine_kernel` merges them. One program per row tile filled an H100 only ~0.6
 waves at 65536 points and left it waiting on loads.
 
-Dense iterations in one launch (`dense_iterations_triton`, up to PERSISTENT_MAX points). One
+Iterations in one launch (`iterations_triton`; dense up to PERSISTENT_MAX points, or sparse). One
 program per multiprocessor runs all k iterations between two checks, the programs waiting for
 each other at a barrier in global memory after every half-iteration (~1.3 us on an H200),
 instead of four launches an iteration. Each program walks its rows' column blocks as SEG runs
-side by side and scales the sums by a guess of the result taken from the row's own potential
-instead of a running maximum: the loop then has no reductions and its steps are independent
+side by side and scales the sums by a guess of the result (the row's last log-sum; in a
+launch's first iteration, its own potential) instead of a running maximum: the loop then has no reductions and its steps are independent
 (4096^2: 26 us an iteration, against 70-87 us with the running maximum). A tile whose sums left
 [2^-100, 2^100] (a potential ~70 eps from its soft-min) is redone with the running maximum.
 Its rows are centred per row tile and its columns raw, so the per-row terms are computed once
@@ -218,15 +218,18 @@ def _softmin_kernel(X, YC, YY, D, H, G, M, L, ROW_PTR, COLS, n_pad, m_pad, scale
 
 
 @triton.jit
-def _update_rows(R, r_pad, C, CH, POT, OUT, SOFT, c_pad, pid, nprog, scale, l2e, inv_eps,
-                 inv_scale, lam, omega, update, write_soft, guess, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
-                 BLOCK_N: tl.constexpr, SEG: tl.constexpr, FTZ: tl.constexpr, EXACT: tl.constexpr):
-    """One half-iteration, this program's row tiles: soft = softmin over all columns C (weights
-    CH + POT / eps); SOFT <- soft if write_soft; OUT <- OUT + omega (lam soft - OUT) if update.
-    Each row tile is centred on its first point (_lse_rows' CENTRED). With `guess`, the sums are
-    scaled by the row's own potential instead of a running maximum (see _lse_rows: a Sinkhorn
-    potential is lam times its soft-min once settled, so -OUT / lam guesses the result), and a
-    tile whose sums left [2^-100, 2^100] (a potential ~70 eps from its soft-min) is redone."""
+def _update_rows(R, r_pad, C, CH, POT, OUT, SOFT, LSE, ROW_PTR, COLS, c_pad, pid, nprog, scale, l2e, inv_eps,
+                 inv_scale, lam, omega, update, write_soft, guess, first, SPARSE: tl.constexpr, BLOCK: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SEG: tl.constexpr, FTZ: tl.constexpr,
+                 EXACT: tl.constexpr):
+    """One half-iteration, this program's row tiles: soft = softmin over the columns C (all, or
+    with SPARSE the row block's column blocks in the CSR list ROW_PTR, COLS; weights CH + POT / eps);
+    SOFT <- soft if write_soft; OUT <- OUT + omega (lam soft - OUT) if update.
+    Each row tile is centred on its first point (_lse_rows' CENTRED). LSE keeps each row's
+    log2-sum. With `guess`, the sums are scaled by a guess of it instead of a running maximum
+    (see _lse_rows): the last one, or in the `first` iteration of a launch the row's own
+    potential (a Sinkhorn potential is lam times its soft-min once settled). A tile whose sums
+    left [2^-100, 2^100] (a guess ~70 eps off) is redone."""
     for tile in range(pid, r_pad // BLOCK_M, nprog):
         rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)[None, :, None]
         c0 = tl.load(R + tile * BLOCK_M)
@@ -235,22 +238,31 @@ def _update_rows(R, r_pad, C, CH, POT, OUT, SOFT, c_pad, pid, nprog, scale, l2e,
         x0 = tl.load(R + rows) - c0
         x1 = tl.load(R + r_pad + rows) - c1
         x2 = tl.load(R + 2 * r_pad + rows) - c2
+        if SPARSE:
+            start = tl.load(ROW_PTR + (tile * BLOCK_M) // BLOCK)
+            count = tl.load(ROW_PTR + (tile * BLOCK_M) // BLOCK + 1) - start
+        else:
+            start, count = 0, c_pad // BLOCK
         m_i = tl.zeros([BLOCK_M, 1], tl.float32)
         l_i = tl.zeros([BLOCK_M, 1], tl.float32)
         redo = 1
         if guess:
-            last = tl.load(OUT + rows, cache_modifier=".cg") * (-scale / lam)
-            m_i, l_i = _lse_rows(x0, x1, x2, C, C, C, CH, POT, C, 0, 0, c_pad // BLOCK, c_pad, scale, l2e,
-                                 inv_eps, last, False, BLOCK, BLOCK_M, BLOCK_N, SEG, FTZ, EXACT, True, True,
+            if first:
+                last = tl.load(OUT + rows, cache_modifier=".cg") * (-scale / lam)
+            else:
+                last = tl.load(LSE + rows, cache_modifier=".cg")
+            m_i, l_i = _lse_rows(x0, x1, x2, C, C, C, CH, POT, COLS, start, 0, count, c_pad, scale, l2e,
+                                 inv_eps, last, SPARSE, BLOCK, BLOCK_M, BLOCK_N, SEG, FTZ, EXACT, True, True,
                                  True, c0, c1, c2)
             inside = (l_i > 7.9e-31) & (l_i < 1.27e30)           # 2^-100, 2^100 (NaN is outside)
             redo = 1 - tl.min(inside.to(tl.int32))
         if redo != 0:
-            m_i, l_i = _lse_rows(x0, x1, x2, C, C, C, CH, POT, C, 0, 0, c_pad // BLOCK, c_pad, scale, l2e,
-                                 inv_eps, 0.0, False, BLOCK, BLOCK_M, BLOCK_N, SEG, FTZ, EXACT, True, False,
+            m_i, l_i = _lse_rows(x0, x1, x2, C, C, C, CH, POT, COLS, start, 0, count, c_pad, scale, l2e,
+                                 inv_eps, 0.0, SPARSE, BLOCK, BLOCK_M, BLOCK_N, SEG, FTZ, EXACT, True, False,
                                  True, c0, c1, c2)
         lse = m_i + tl.log2(l_i)
         rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)[:, None]
+        tl.store(LSE + rows, lse)
         soft = -lse * inv_scale
         if write_soft:
             tl.store(SOFT + rows, soft)
@@ -271,25 +283,25 @@ def _grid_barrier(SYNC, target):
 
 
 @triton.jit
-def _dense_iterations_kernel(X, HX, F, Y, HY, G, FSOFT, SYNC,
-                             n_pad, m_pad, k, scale, l2e, inv_eps, inv_scale, lam, omega, BLOCK: tl.constexpr,
-                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SEG: tl.constexpr,
-                             FTZ: tl.constexpr, EXACT_X: tl.constexpr, EXACT_Y: tl.constexpr,
-                             GUESS: tl.constexpr):
-    """k relaxed alternating iterations of a dense problem in one launch (`sinkhorn.iterations`):
+def _iterations_kernel(X, HX, F, Y, HY, G, FSOFT, LSE_X, LSE_Y, SYNC, PTR_XY, COLS_XY, PTR_YX, COLS_YX,
+                       n_pad, m_pad, k, scale, l2e, inv_eps, inv_scale, lam, omega, SPARSE: tl.constexpr,
+                       BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SEG: tl.constexpr,
+                       FTZ: tl.constexpr, EXACT_X: tl.constexpr, EXACT_Y: tl.constexpr, GUESS: tl.constexpr):
+    """k relaxed alternating iterations in one launch (`sinkhorn.iterations`), dense or over block
+    pairs (SPARSE: CSR lists x -> y blocks and y -> x blocks):
     g <- relax(g, lam softmin_y(f)), then f <- relax(f, lam softmin_x(g)), the last f update left
     undone and its soft-min written to FSOFT. A grid barrier separates the half-iterations.
-    GUESS: scale the sums by a guess from the potentials (see _update_rows)."""
+    GUESS: scale the sums by a guess of the result (see _update_rows)."""
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     for it in range(k):
-        _update_rows(Y, m_pad, X, HX, F, G, G, n_pad, pid, nprog, scale, l2e, inv_eps,
-                     inv_scale, lam, omega, True, False, GUESS, BLOCK, BLOCK_M, BLOCK_N, SEG, FTZ,
-                     EXACT_X)
+        _update_rows(Y, m_pad, X, HX, F, G, G, LSE_Y, PTR_YX, COLS_YX, n_pad, pid, nprog, scale, l2e, inv_eps,
+                     inv_scale, lam, omega, True, False, GUESS, it == 0, SPARSE, BLOCK, BLOCK_M, BLOCK_N, SEG,
+                     FTZ, EXACT_X)
         _grid_barrier(SYNC, (2 * it + 1) * nprog)
-        _update_rows(X, n_pad, Y, HY, G, F, FSOFT, m_pad, pid, nprog, scale, l2e, inv_eps,
-                     inv_scale, lam, omega, it != k - 1, it == k - 1, GUESS, BLOCK, BLOCK_M, BLOCK_N,
-                     SEG, FTZ, EXACT_Y)
+        _update_rows(X, n_pad, Y, HY, G, F, FSOFT, LSE_X, PTR_XY, COLS_XY, m_pad, pid, nprog, scale, l2e, inv_eps,
+                     inv_scale, lam, omega, it != k - 1, it == k - 1, GUESS, it == 0, SPARSE, BLOCK, BLOCK_M,
+                     BLOCK_N, SEG, FTZ, EXACT_Y)
         _grid_barrier(SYNC, (2 * it + 2) * nprog)
 
 
@@ -433,6 +445,7 @@ def softmin_triton(x, y, h, eps: float, pairs=None, block: int = 128, exact: boo
 
 
 PERSISTENT_MAX = 65536  # dense problems up to this many (padded) points a side iterate in one launch
+#                         (block-sparse ones always do)
 _PROGRAMS: dict = {}    # device -> programs of a persistent launch (one per multiprocessor)
 
 
@@ -440,11 +453,12 @@ def persistent_fits(n_pad: int, m_pad: int) -> bool:
     return max(n_pad, m_pad) <= PERSISTENT_MAX
 
 
-def dense_iterations_triton(x, y, hx, hy, f, g, eps: float, lam: float, omega: float, k: int,
-                            block: int, exact: tuple[bool, bool], config=None):
-    """k relaxed alternating iterations, dense, in one launch; (f, g, f_soft) as `sinkhorn.iterations`
+def iterations_triton(x, y, hx, hy, f, g, eps: float, lam: float, omega: float, k: int,
+                      block: int, exact: tuple[bool, bool], pairs=None, config=None):
+    """k relaxed alternating iterations in one launch; (f, g, f_soft) as `sinkhorn.iterations`
     returns them (f and g are not changed in place). exact: cost forms of the g and the f update
-    (rows y, rows x: each row tile is centred on its first point). config: (BLOCK_M, BLOCK_N, num_warps, SEG, GUESS) overrides the pinned
+    (rows y, rows x: each row tile is centred on its first point). pairs: None (dense) or the
+    block pairs both ways, (CSR x -> y, CSR y -> x). config: (BLOCK_M, BLOCK_N, num_warps, SEG, GUESS) overrides the pinned
     choice (bench/bench_softmin.py --one-launch-sweep; bench/RESULTS.md).
 
     The programs wait for each other between half-iterations, so all must be resident at once:
@@ -463,12 +477,14 @@ def dense_iterations_triton(x, y, hx, hy, f, g, eps: float, lam: float, omega: f
     else:
         programs = 1
     f, g = f.clone(), g.clone()
-    f_soft = torch.empty_like(f)
+    f_soft, lse_x, lse_y = torch.empty_like(f), torch.empty_like(f), torch.empty_like(g)
     sync = torch.zeros(1, device=x.device, dtype=torch.int32)
-    _dense_iterations_kernel[(programs,)](x, hx, f, y, hy, g, f_soft, sync, n_pad, m_pad, k, LOG2E / eps,
-                                          LOG2E, 1.0 / eps, eps / LOG2E, lam, omega, BLOCK=block, BLOCK_M=bm,
-                                          BLOCK_N=bn, SEG=seg, FTZ=x.is_cuda, EXACT_X=exact[0],
-                                          EXACT_Y=exact[1], GUESS=guess, num_warps=warps)
+    (ptr_xy, cols_xy), (ptr_yx, cols_yx) = pairs if pairs is not None else ((sync, sync), (sync, sync))
+    _iterations_kernel[(programs,)](x, hx, f, y, hy, g, f_soft, lse_x, lse_y, sync, ptr_xy, cols_xy, ptr_yx,
+                                    cols_yx, n_pad, m_pad, k, LOG2E / eps, LOG2E, 1.0 / eps, eps / LOG2E, lam,
+                                    omega, SPARSE=pairs is not None, BLOCK=block, BLOCK_M=bm, BLOCK_N=bn, SEG=seg,
+                                    FTZ=x.is_cuda, EXACT_X=exact[0], EXACT_Y=exact[1], GUESS=guess,
+                                    num_warps=warps)
     return f, g, f_soft
 
 

@@ -4,7 +4,7 @@ import torch
 
 from ros_ot_fusion.kernels import lists as lists_module
 from ros_ot_fusion.kernels.lists import select_torch, select_triton, softmin_lists_torch, softmin_lists_triton
-from ros_ot_fusion.kernels.softmin import (barycenter_torch, barycenter_triton, dense_iterations_triton,
+from ros_ot_fusion.kernels.softmin import (barycenter_torch, barycenter_triton, iterations_triton,
                                            needs_exact, softmin_torch, softmin_triton)
 from ros_ot_fusion.ot.layout import Layout
 
@@ -42,7 +42,8 @@ def reference(x, y, h, eps, pairs=None, block=None):
 def random_pairs(nb, mb, seed):
     g = torch.Generator().manual_seed(seed)
     keep = torch.rand(nb, mb, generator=g) < 0.5
-    keep[torch.arange(nb), torch.randint(0, mb, (nb,), generator=g)] = True
+    keep[torch.arange(nb), torch.randint(0, mb, (nb,), generator=g)] = True   # no empty row block
+    keep[torch.randint(0, nb, (mb,), generator=g), torch.arange(mb)] = True   # nor column block
     rows, cols = keep.nonzero(as_tuple=True)
     row_ptr = torch.zeros(nb + 1, dtype=torch.int32)
     row_ptr[1:] = torch.cumsum(torch.bincount(rows, minlength=nb), 0)
@@ -136,12 +137,14 @@ def test_all_pairs_sparse_equals_dense():
     torch.testing.assert_close(sparse, dense, rtol=0, atol=1e-6)
 
 
-def reference_iterations(x, y, lx, ly, f, g, eps, lam, omega, k):
-    """`sinkhorn.iterations` in float64: (f, g, f_soft), the last f update left undone."""
+def reference_iterations(x, y, lx, ly, f, g, eps, lam, omega, k, pairs=None, block=None):
+    """`sinkhorn.iterations` in float64: (f, g, f_soft), the last f update left undone;
+    pairs: (CSR x -> y, CSR y -> x) block pairs, or None (dense)."""
     f, g, lx, ly = (t.double().cpu() for t in (f, g, lx, ly))
+    xy, yx = pairs if pairs is not None else (None, None)
     for i in range(k):
-        g = g + omega * (lam * reference(y, x, lx + f / eps, eps)[0] - g)
-        soft = reference(x, y, ly + g / eps, eps)[0]
+        g = g + omega * (lam * reference(y, x, lx + f / eps, eps, yx, block)[0] - g)
+        soft = reference(x, y, ly + g / eps, eps, xy, block)[0]
         if i < k - 1:
             f = f + omega * (lam * soft - f)
     return f, g, soft
@@ -151,11 +154,13 @@ def reference_iterations(x, y, lx, ly, f, g, eps, lam, omega, k):
 SIZES = (3000, 5000) if DEVICE == "cuda" else (150, 230)
 
 
+@pytest.mark.parametrize("sparse", [False, True])
 @pytest.mark.parametrize("exact", [True, False])
 @pytest.mark.parametrize("rho, start", [(None, 0.01), (0.05, 0.01), (None, 2.0)])
-def test_dense_iterations_in_one_launch_match_float64(exact, rho, start):
-    """The persistent kernel (programs waiting for each other between half-iterations) against
-    k float64 iterations; run again, it must give the same bits (a missed wait would not).
+def test_iterations_in_one_launch_match_float64(sparse, exact, rho, start):
+    """The persistent kernel (programs waiting for each other between half-iterations), dense or
+    over random block pairs, against k float64 iterations; run again, it must give the same
+    bits (a missed wait would not).
     Potentials starting 200 eps off are far from their soft-mins, so sums scaled by a guess
     from them leave their range: those tiles must be redone with a running maximum."""
     block, eps, omega, k = 64, 1e-2, 1.6, 4
@@ -167,8 +172,13 @@ def test_dense_iterations_in_one_launch_match_float64(exact, rho, start):
     lx[:n] = -torch.log(torch.tensor(float(n)))
     lx, wy = lx.to(DEVICE), ly.logw.to(DEVICE)
     f, g = (start * torch.randn(p.shape[1], generator=gen).to(DEVICE) for p in (x, y))
-    want = reference_iterations(x, y, lx, wy, f, g, eps, lam, omega, k)
-    runs = [dense_iterations_triton(x, y, lx, wy, f, g, eps, lam, omega, k, block, (exact, exact))
+    pairs = None
+    if sparse:
+        nb, mb = x.shape[1] // block, y.shape[1] // block
+        xy = random_pairs(nb, mb, 24)
+        pairs = (xy, transpose(xy, nb, mb))
+    want = reference_iterations(x, y, lx, wy, f, g, eps, lam, omega, k, pairs, block)
+    runs = [iterations_triton(x, y, lx, wy, f, g, eps, lam, omega, k, block, (exact, exact), pairs)
             for _ in range(5 if DEVICE == "cuda" else 1)]
     for got in runs[1:]:
         assert all(torch.equal(a, b) for a, b in zip(got, runs[0]))

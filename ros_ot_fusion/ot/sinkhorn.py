@@ -28,7 +28,7 @@ from functools import cached_property
 import torch
 
 from ros_ot_fusion.kernels.lists import PointLists, softmin_lists
-from ros_ot_fusion.kernels.softmin import (barycenter, dense_iterations_triton, needs_exact, pair_costs,
+from ros_ot_fusion.kernels.softmin import (barycenter, iterations_triton, needs_exact, pair_costs,
                                            persistent_fits, softmin, softmin_triton)
 from ros_ot_fusion.ot.layout import Layout
 
@@ -83,7 +83,7 @@ class Problem:
         return self.__dict__[name]
 
     def cost_forms(self, eps: float) -> tuple[bool, bool]:
-        """Whether the dense one-launch iterations need the exact cost form at this eps, in the g
+        """Whether the one-launch iterations need the exact cost form at this eps, in the g
         update and in the f update (kernels.softmin.needs_exact). That kernel centres each row
         tile, so the rows' block extents decide: y's for the g update, x's for the f update."""
         return needs_exact(self.y.extent2, eps), needs_exact(self.x.extent2, eps)
@@ -168,10 +168,12 @@ def iterations(problem: Problem, f: torch.Tensor, g: torch.Tensor, eps: float, r
     capture it (see graphed.py)."""
     lam = damping(eps, rho)
     x, y = problem.x, problem.y
-    if (problem.backend == "triton" and problem.pairs_xy is None and x.block == y.block
-            and persistent_fits(x.n_pad, y.n_pad)):     # dense: all k iterations in one launch
-        f, g, f_soft = dense_iterations_triton(x.pts, y.pts, x.logw, y.logw, f, g, eps, lam, omega, k,
-                                               x.block, problem.cost_forms(eps))
+    sparse = problem.pairs_xy is not None
+    if (problem.backend == "triton" and problem.lists_xy is None and x.block == y.block
+            and (sparse or persistent_fits(x.n_pad, y.n_pad))):     # all k iterations in one launch
+        f, g, f_soft = iterations_triton(x.pts, y.pts, x.logw, y.logw, f, g, eps, lam, omega, k, x.block,
+                                         problem.cost_forms(eps),
+                                         (problem.pairs_xy, problem.pairs_yx) if sparse else None)
         return f, g, f_soft, marginal_error(problem, f, f_soft, eps, rho)
     for i in range(k):
         g = problem.relaxed_y(f, g, eps, lam, omega)[1]
