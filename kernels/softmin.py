@@ -29,12 +29,15 @@ program per multiprocessor runs all k iterations between two checks, the program
 each other at a barrier in global memory after every half-iteration (~1.3 us on an H200),
 instead of four launches an iteration. Each program walks its rows' column blocks as SEG runs
 side by side and scales the sums by a guess of the result (the row's last log-sum; in a
-launch's first iteration, its own potential) instead of a running maximum: the loop then has no reductions and its steps are independent
-(4096^2: 26 us an iteration, against 70-87 us with the running maximum). A tile whose sums left
-[2^-100, 2^100] (a potential ~70 eps from its soft-min) is redone with the running maximum.
-Its rows are centred per row tile and its columns raw, so the per-row terms are computed once
-per tile: the loop is 3 FMA + sub + ex2 + add a pair (6.6 instructions in SASS, against 9.3
-when the rows were re-centred on every column block).
+launch's first iteration, its own potential) instead of a running maximum: the loop then has
+no reductions and its steps are independent (4096^2: 26 us an iteration, against 70-87 us with
+the running maximum). A tile whose sums left [2^-100, 2^100] (a guess ~70 eps off) is redone
+with the running maximum. Its rows are centred per row tile and its columns raw, so the
+per-row terms are computed once per tile: the loop is 3 FMA + sub + ex2 + add a pair (6.6
+instructions in SASS, against 9.3 when the rows were re-centred on every column block; 11.4
+in the split kernel, whose threads hold few rows and load ~3 values a pair). Block-sparse
+iterations (the multi-scale solver's) run here too, over the CSR lists; the split kernels
+remain for single soft-mins (annealing, initialisation), point lists and large dense problems.
 """
 from __future__ import annotations
 
@@ -458,8 +461,8 @@ def iterations_triton(x, y, hx, hy, f, g, eps: float, lam: float, omega: float, 
     """k relaxed alternating iterations in one launch; (f, g, f_soft) as `sinkhorn.iterations`
     returns them (f and g are not changed in place). exact: cost forms of the g and the f update
     (rows y, rows x: each row tile is centred on its first point). pairs: None (dense) or the
-    block pairs both ways, (CSR x -> y, CSR y -> x). config: (BLOCK_M, BLOCK_N, num_warps, SEG, GUESS) overrides the pinned
-    choice (bench/bench_softmin.py --one-launch-sweep; bench/RESULTS.md).
+    block pairs both ways, (CSR x -> y, CSR y -> x). config: (BLOCK_M, BLOCK_N, num_warps, SEG,
+    GUESS) overrides the pinned choice (bench/bench_softmin.py --one-launch-sweep; bench/RESULTS.md).
 
     The programs wait for each other between half-iterations, so all must be resident at once:
     one per multiprocessor on the GPU, and a single program under Triton's interpreter, which
