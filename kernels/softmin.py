@@ -128,7 +128,7 @@ def _lse_rows(x0, x1, x2, YC, YY, D, H, G, COLS, first, lo, hi, m_pad, scale, l2
     Column log-weights are H, or H + G / eps with HAS_G (log weights and a potential).
 
     FIXED: no running maximum; the terms are scaled by 2^-fixed, `fixed` ([1, BLOCK_M, 1]) being
-    a guess of the result (the last iteration's), and returned as the "max". No reductions in
+    a guess of the result (see _update_rows), and returned as the "max". No reductions in
     the loop, so its steps are independent; a caller checks that the sum stayed in range.
 
     CENTRED: the rows come centred on their tile's origin c = (c0, c1, c2) and YC holds the raw
@@ -234,13 +234,8 @@ def _update_rows(R, r_pad, C, CH, POT, OUT, SOFT, LSE, ROW_PTR, COLS, c_pad, pid
     potential (a Sinkhorn potential is lam times its soft-min once settled). A tile whose sums
     left [2^-100, 2^100] (a guess ~70 eps off) is redone."""
     for tile in range(pid, r_pad // BLOCK_M, nprog):
-        rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)[None, :, None]
-        c0 = tl.load(R + tile * BLOCK_M)
-        c1 = tl.load(R + r_pad + tile * BLOCK_M)
-        c2 = tl.load(R + 2 * r_pad + tile * BLOCK_M)
-        x0 = tl.load(R + rows) - c0
-        x1 = tl.load(R + r_pad + rows) - c1
-        x2 = tl.load(R + 2 * r_pad + rows) - c2
+        rows, c0, c1, c2, x0, x1, x2 = _rows(R, r_pad, tile, BLOCK_M)
+        rows, x0, x1, x2 = rows[None, :, :], x0[None, :, :], x1[None, :, :], x2[None, :, :]   # [1, BLOCK_M, 1]
         if SPARSE:
             start = tl.load(ROW_PTR + (tile * BLOCK_M) // BLOCK)
             count = tl.load(ROW_PTR + (tile * BLOCK_M) // BLOCK + 1) - start
