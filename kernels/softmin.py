@@ -222,9 +222,9 @@ def _softmin_kernel(X, YC, YY, D, H, G, M, L, ROW_PTR, COLS, n_pad, m_pad, scale
 
 @triton.jit
 def _update_rows(R, r_pad, C, CH, POT, OUT, SOFT, LSE, ROW_PTR, COLS, c_pad, pid, nprog, scale, l2e, inv_eps,
-                 inv_scale, lam, omega, update, write_soft, guess, first, SPARSE: tl.constexpr, BLOCK: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SEG: tl.constexpr, FTZ: tl.constexpr,
-                 EXACT: tl.constexpr):
+                 inv_scale, lam, omega, update, write_soft, guess, first, exact_above, SPARSE: tl.constexpr,
+                 BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SEG: tl.constexpr,
+                 FTZ: tl.constexpr):
     """One half-iteration, this program's row tiles: soft = softmin over the columns C (all, or
     with SPARSE the row block's column blocks in the CSR list ROW_PTR, COLS; weights CH + POT / eps);
     SOFT <- soft if write_soft; OUT <- OUT + omega (lam soft - OUT) if update.
@@ -232,9 +232,14 @@ def _update_rows(R, r_pad, C, CH, POT, OUT, SOFT, LSE, ROW_PTR, COLS, c_pad, pid
     log2-sum. With `guess`, the sums are scaled by a guess of it instead of a running maximum
     (see _lse_rows): the last one, or in the `first` iteration of a launch the row's own
     potential (a Sinkhorn potential is lam times its soft-min once settled). A tile whose sums
-    left [2^-100, 2^100] (a guess ~70 eps off) is redone."""
+    left [2^-100, 2^100] (a guess ~70 eps off) is redone, in the exact form.
+    Each tile chooses its cost form: the 3-FMA form's rounding grows with the tile's radius r
+    (squared distance from its origin to its farthest row), so tiles with r2 / eps over
+    `exact_above` take exact differences (needs_exact). On a street cloud's 32-row tiles at
+    eps 1e-3 that is 18-43% of them; one far-flung tile had made a whole problem exact."""
     for tile in range(pid, r_pad // BLOCK_M, nprog):
         rows, c0, c1, c2, x0, x1, x2 = _rows(R, r_pad, tile, BLOCK_M)
+        exact = tl.max(tl.max(x0 * x0 + x1 * x1 + x2 * x2, axis=1), axis=0) * inv_eps > exact_above
         rows, x0, x1, x2 = rows[None, :, :], x0[None, :, :], x1[None, :, :], x2[None, :, :]   # [1, BLOCK_M, 1]
         if SPARSE:
             start = tl.load(ROW_PTR + (tile * BLOCK_M) // BLOCK)
@@ -249,14 +254,19 @@ def _update_rows(R, r_pad, C, CH, POT, OUT, SOFT, LSE, ROW_PTR, COLS, c_pad, pid
                 last = tl.load(OUT + rows, cache_modifier=".cg") * (-scale / lam)
             else:
                 last = tl.load(LSE + rows, cache_modifier=".cg")
-            m_i, l_i = _lse_rows(x0, x1, x2, C, C, C, CH, POT, COLS, start, 0, count, c_pad, scale, l2e,
-                                 inv_eps, last, SPARSE, BLOCK, BLOCK_M, BLOCK_N, SEG, FTZ, EXACT, True, True,
-                                 True, c0, c1, c2)
+            if exact:
+                m_i, l_i = _lse_rows(x0, x1, x2, C, C, C, CH, POT, COLS, start, 0, count, c_pad, scale, l2e,
+                                     inv_eps, last, SPARSE, BLOCK, BLOCK_M, BLOCK_N, SEG, FTZ, True, True, True,
+                                     True, c0, c1, c2)
+            else:
+                m_i, l_i = _lse_rows(x0, x1, x2, C, C, C, CH, POT, COLS, start, 0, count, c_pad, scale, l2e,
+                                     inv_eps, last, SPARSE, BLOCK, BLOCK_M, BLOCK_N, SEG, FTZ, False, True, True,
+                                     True, c0, c1, c2)
             inside = (l_i > 7.9e-31) & (l_i < 1.27e30)           # 2^-100, 2^100 (NaN is outside)
             redo = 1 - tl.min(inside.to(tl.int32))
         if redo != 0:
             m_i, l_i = _lse_rows(x0, x1, x2, C, C, C, CH, POT, COLS, start, 0, count, c_pad, scale, l2e,
-                                 inv_eps, 0.0, SPARSE, BLOCK, BLOCK_M, BLOCK_N, SEG, FTZ, EXACT, True, False,
+                                 inv_eps, 0.0, SPARSE, BLOCK, BLOCK_M, BLOCK_N, SEG, FTZ, True, True, False,
                                  True, c0, c1, c2)
         lse = m_i + tl.log2(l_i)
         rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)[:, None]
@@ -282,9 +292,9 @@ def _grid_barrier(SYNC, target):
 
 @triton.jit
 def _iterations_kernel(X, HX, F, Y, HY, G, FSOFT, LSE_X, LSE_Y, SYNC, PTR_XY, COLS_XY, PTR_YX, COLS_YX,
-                       n_pad, m_pad, k, scale, l2e, inv_eps, inv_scale, lam, omega, SPARSE: tl.constexpr,
-                       BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SEG: tl.constexpr,
-                       FTZ: tl.constexpr, EXACT_X: tl.constexpr, EXACT_Y: tl.constexpr, GUESS: tl.constexpr):
+                       n_pad, m_pad, k, scale, l2e, inv_eps, inv_scale, lam, omega, exact_above,
+                       SPARSE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                       SEG: tl.constexpr, FTZ: tl.constexpr, GUESS: tl.constexpr):
     """k relaxed alternating iterations in one launch (`sinkhorn.iterations`), dense or over block
     pairs (SPARSE: CSR lists x -> y blocks and y -> x blocks):
     g <- relax(g, lam softmin_y(f)), then f <- relax(f, lam softmin_x(g)), the last f update left
@@ -294,12 +304,12 @@ def _iterations_kernel(X, HX, F, Y, HY, G, FSOFT, LSE_X, LSE_Y, SYNC, PTR_XY, CO
     nprog = tl.num_programs(0)
     for it in range(k):
         _update_rows(Y, m_pad, X, HX, F, G, G, LSE_Y, PTR_YX, COLS_YX, n_pad, pid, nprog, scale, l2e, inv_eps,
-                     inv_scale, lam, omega, True, False, GUESS, it == 0, SPARSE, BLOCK, BLOCK_M, BLOCK_N, SEG,
-                     FTZ, EXACT_X)
+                     inv_scale, lam, omega, True, False, GUESS, it == 0, exact_above, SPARSE, BLOCK, BLOCK_M,
+                     BLOCK_N, SEG, FTZ)
         _grid_barrier(SYNC, (2 * it + 1) * nprog)
         _update_rows(X, n_pad, Y, HY, G, F, FSOFT, LSE_X, PTR_XY, COLS_XY, m_pad, pid, nprog, scale, l2e, inv_eps,
-                     inv_scale, lam, omega, it != k - 1, it == k - 1, GUESS, it == 0, SPARSE, BLOCK, BLOCK_M,
-                     BLOCK_N, SEG, FTZ, EXACT_Y)
+                     inv_scale, lam, omega, it != k - 1, it == k - 1, GUESS, it == 0, exact_above, SPARSE,
+                     BLOCK, BLOCK_M, BLOCK_N, SEG, FTZ)
         _grid_barrier(SYNC, (2 * it + 2) * nprog)
 
 
@@ -380,12 +390,16 @@ def _config(n_pad: int, block: int) -> tuple[int, int, int, int]:
     return bm, min(32, block), 2, 1 << (split.bit_length() - 1)       # a power of two
 
 
+EXACT_ABOVE = 1e3   # extent2 / eps above which the 3-FMA form's rounding exceeds ~1e-4 (needs_exact)
+
+
 def needs_exact(extent2: float, eps: float) -> bool:
     """Whether the 3-FMA expanded cost loses more than ~1e-4 in the exponent.
 
-    Its error is about 1e-7 * extent2 / eps, extent2 being the squared size of a column block.
+    Its error is about 1e-7 * extent2 / eps, extent2 being the squared size of a column block
+    (of a row tile in the one-launch kernel, which decides tile by tile).
     """
-    return extent2 / eps > 1e3
+    return extent2 / eps > EXACT_ABOVE
 
 
 _COLUMNS: dict = {}    # (id(y), block) -> (weak reference to y, y._version, captured, column_blocks(y))
@@ -453,11 +467,11 @@ def persistent_fits(n_pad: int, m_pad: int) -> bool:
 
 
 def iterations_triton(x, y, hx, hy, f, g, eps: float, lam: float, omega: float, k: int,
-                      block: int, exact: tuple[bool, bool], pairs=None, config=None):
+                      block: int, pairs=None, config=None, exact_above: float = EXACT_ABOVE):
     """k relaxed alternating iterations in one launch; (f, g, f_soft) as `sinkhorn.iterations`
-    returns them (f and g are not changed in place). exact: cost forms of the g and the f update
-    (rows y, rows x: each row tile is centred on its first point). pairs: None (dense) or the
-    block pairs both ways, (CSR x -> y, CSR y -> x). config: (BLOCK_M, BLOCK_N, num_warps, SEG,
+    returns them (f and g are not changed in place). Each row tile takes the exact cost form
+    when its squared radius over eps exceeds exact_above (0: every tile; inf: none), the 3-FMA
+    form otherwise (_update_rows). pairs: None (dense) or the block pairs both ways, (CSR x -> y, CSR y -> x). config: (BLOCK_M, BLOCK_N, num_warps, SEG,
     GUESS) overrides the pinned choice (bench/bench_softmin.py --one-launch-sweep; bench/RESULTS.md).
 
     The programs wait for each other between half-iterations, so all must be resident at once:
@@ -481,9 +495,8 @@ def iterations_triton(x, y, hx, hy, f, g, eps: float, lam: float, omega: float, 
     (ptr_xy, cols_xy), (ptr_yx, cols_yx) = pairs if pairs is not None else ((sync, sync), (sync, sync))
     _iterations_kernel[(programs,)](x, hx, f, y, hy, g, f_soft, lse_x, lse_y, sync, ptr_xy, cols_xy, ptr_yx,
                                     cols_yx, n_pad, m_pad, k, LOG2E / eps, LOG2E, 1.0 / eps, eps / LOG2E, lam,
-                                    omega, SPARSE=pairs is not None, BLOCK=block, BLOCK_M=bm, BLOCK_N=bn, SEG=seg,
-                                    FTZ=x.is_cuda, EXACT_X=exact[0], EXACT_Y=exact[1], GUESS=guess,
-                                    num_warps=warps)
+                                    omega, min(exact_above, 1e30), SPARSE=pairs is not None, BLOCK=block, BLOCK_M=bm, BLOCK_N=bn, SEG=seg,
+                                    FTZ=x.is_cuda, GUESS=guess, num_warps=warps)
     return f, g, f_soft
 
 

@@ -178,7 +178,8 @@ def test_iterations_in_one_launch_match_float64(sparse, exact, rho, start):
         xy = random_pairs(nb, mb, 24)
         pairs = (xy, transpose(xy, nb, mb))
     want = reference_iterations(x, y, lx, wy, f, g, eps, lam, omega, k, pairs, block)
-    runs = [iterations_triton(x, y, lx, wy, f, g, eps, lam, omega, k, block, (exact, exact), pairs)
+    runs = [iterations_triton(x, y, lx, wy, f, g, eps, lam, omega, k, block, pairs,
+                              exact_above=0.0 if exact else float("inf"))
             for _ in range(5 if DEVICE == "cuda" else 1)]
     for got in runs[1:]:
         assert all(torch.equal(a, b) for a, b in zip(got, runs[0]))
@@ -186,6 +187,26 @@ def test_iterations_in_one_launch_match_float64(sparse, exact, rho, start):
         err = float((a.double().cpu() - b).abs().max()) / eps
         # float32 potentials of 1000 eps (the far start) carry ~1e-3 eps of rounding
         assert err < (1e-4 if exact else 1e-3) + 4e-6 * float(b.abs().max()) / eps, err
+
+
+def test_one_launch_chooses_the_cost_form_tile_by_tile():
+    """Rows on a 1 m sheet and on a 24 m one (sparse, so its 32-row tiles span metres), against
+    columns on both: the wide tiles need the exact form, the compact ones do not. Choosing per
+    tile must be as accurate as exact everywhere, where the 3-FMA form everywhere is not. (From
+    nearly settled potentials: far from them every tile is redone, in the exact form.)"""
+    block, eps, lam, omega, k = 64, 3e-3, 1.0, 1.6, 2
+    n = 1024 if DEVICE == "cuda" else 256
+    pts = lambda seed: torch.cat([cloud(n, seed), cloud(n // 2, seed + 1, spread=24.0)])  # noqa: E731
+    x, y = (Layout.build(pts(s), None, block) for s in (31, 33))
+    X, Y, lx, ly = x.pts.to(DEVICE), y.pts.to(DEVICE), x.logw.to(DEVICE), y.logw.to(DEVICE)
+    f, g, _ = reference_iterations(X, Y, lx, ly, torch.zeros(x.n_pad), torch.zeros(y.n_pad), eps, lam, 1.0, 8)
+    f, g = f.float().to(DEVICE), g.float().to(DEVICE)
+    want = reference_iterations(X, Y, lx, ly, f, g, eps, lam, omega, k)
+    err = {}
+    for mode, above in (("exact", 0.0), ("per tile", 1e3), ("3-FMA", float("inf"))):
+        got = iterations_triton(X, Y, lx, ly, f, g, eps, lam, omega, k, block, exact_above=above)
+        err[mode] = max(float((a.double().cpu() - b).abs().max()) / eps for a, b in zip(got, want))
+    assert err["per tile"] < 2 * err["exact"] + 1e-4 and err["3-FMA"] > 10 * err["per tile"], err
 
 
 def transpose(pairs, nb, mb):

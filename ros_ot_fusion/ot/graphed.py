@@ -4,7 +4,7 @@ A dense GPU iteration at the aligner's sizes (8k x 8k) costs ~0.1 ms of kernels 
 of Python and launches: the host, not the GPU, set the pace. `graphed_iterations` runs `sinkhorn.iterations` (the k
 iterations between two checks, no host sync in them) by replaying a graph captured once.
 
-Graphs are kept per (padded sizes, eps, rho, omega, k, cost form): each frame of the aligner has
+Graphs are kept per (padded sizes, eps, rho, omega, k): each frame of the aligner has
 the same eps and, padded to `CAPACITY` points, one of a few sizes, so after the first frames every
 chunk is a replay. A graph reads its inputs from static buffers: the points, weights and potentials
 are copied in (padding: copies of the last point, weight 0) and the outputs copied out. The static
@@ -44,12 +44,10 @@ def _same(held, layout: Layout) -> bool:
 class _Graph:
     """k iterations captured on static buffers of fixed size."""
 
-    def __init__(self, problem, n_cap: int, m_cap: int, eps, rho, omega, k, exact: tuple[bool, bool]):
+    def __init__(self, problem, n_cap: int, m_cap: int, eps, rho, omega, k):
         dev = problem.x.device
         self.x = _static_layout(n_cap, problem.x.block, dev)
         self.y = _static_layout(m_cap, problem.y.block, dev)
-        # the cost form is part of the key: give the static layouts extents that choose it
-        self.x._extent2, self.y._extent2 = (2e3 * eps if e else 0.0 for e in exact)
         self.f, self.g = torch.zeros(n_cap, device=dev), torch.zeros(m_cap, device=dev)
         static = Problem(self.x, self.y, "triton")
         self.held = [None, None]            # what was loaded into the static layouts last
@@ -108,8 +106,7 @@ def graphed_iterations(problem, f, g, eps: float, rho: float | None, omega: floa
         return iterations(problem, f, g, eps, rho, omega, k)
     cap = lambda n: -(-n // CAPACITY) * CAPACITY  # noqa: E731
     n_cap, m_cap = cap(problem.x.n_pad), cap(problem.y.n_pad)
-    exact = problem.cost_forms(eps)
-    key = (problem.x.device, n_cap, m_cap, problem.x.block, problem.y.block, eps, rho, omega, k, exact)
+    key = (problem.x.device, n_cap, m_cap, problem.x.block, problem.y.block, eps, rho, omega, k)
     with _LOCK:
         graph = _GRAPHS.get(key)
         if graph is None and key not in _SEEN:
@@ -120,7 +117,7 @@ def graphed_iterations(problem, f, g, eps: float, rho: float | None, omega: floa
         if graph is None:
             _SEEN.discard(key)
             try:
-                graph = _Graph(problem, n_cap, m_cap, eps, rho, omega, k, exact)
+                graph = _Graph(problem, n_cap, m_cap, eps, rho, omega, k)
             except RuntimeError:    # the capture failed (out of memory, say): launch them instead,
                 return iterations(problem, f, g, eps, rho, omega, k)   # which raises what is wrong
             _GRAPHS[key] = graph

@@ -82,12 +82,6 @@ class Problem:
             self.__dict__[name] = pair_costs(a.pts, b.pts, pairs, a.block)
         return self.__dict__[name]
 
-    def cost_forms(self, eps: float) -> tuple[bool, bool]:
-        """Whether the one-launch iterations need the exact cost form at this eps, in the g
-        update and in the f update (kernels.softmin.needs_exact). That kernel centres each row
-        tile, so the rows' block extents decide: y's for the g update, x's for the f update."""
-        return needs_exact(self.y.extent2, eps), needs_exact(self.x.extent2, eps)
-
     def softmin_x(self, g: torch.Tensor, eps: float) -> torch.Tensor:
         """softmin over j of (C_ij - g_j - eps log b_j), for every x_i (padded)."""
         if self.lists_xy is not None:
@@ -172,7 +166,6 @@ def iterations(problem: Problem, f: torch.Tensor, g: torch.Tensor, eps: float, r
     if (problem.backend == "triton" and problem.lists_xy is None and x.block == y.block
             and (sparse or persistent_fits(x.n_pad, y.n_pad))):     # all k iterations in one launch
         f, g, f_soft = iterations_triton(x.pts, y.pts, x.logw, y.logw, f, g, eps, lam, omega, k, x.block,
-                                         problem.cost_forms(eps),
                                          (problem.pairs_xy, problem.pairs_yx) if sparse else None)
         return f, g, f_soft, marginal_error(problem, f, f_soft, eps, rho)
     for i in range(k):
