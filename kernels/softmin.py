@@ -35,9 +35,12 @@ the running maximum). A tile whose sums left [2^-100, 2^100] (a guess ~70 eps of
 with the running maximum. Its rows are centred per row tile and its columns raw, so the
 per-row terms are computed once per tile: the loop is 3 FMA + sub + ex2 + add a pair (6.6
 instructions in SASS, against 9.3 when the rows were re-centred on every column block; 11.4
-in the split kernel, whose threads hold few rows and load ~3 values a pair). Block-sparse
-iterations (the multi-scale solver's) run here too, over the CSR lists; the split kernels
-remain for single soft-mins (annealing, initialisation), point lists and large dense problems.
+in the split kernel, whose threads hold few rows and load ~3 values a pair). Each row tile
+takes the exact form or the 3-FMA one by its own radius, so a few far-flung tiles no longer make
+a whole problem exact. Block-sparse iterations (the multi-scale solver's) run here too, over the
+CSR lists, their row tiles dealt out to the programs by work (`balanced_order`); the split
+kernels remain for single soft-mins (annealing, initialisation), point lists and large dense
+problems.
 """
 from __future__ import annotations
 
@@ -222,12 +225,13 @@ def _softmin_kernel(X, YC, YY, D, H, G, M, L, ROW_PTR, COLS, n_pad, m_pad, scale
 
 
 @triton.jit
-def _update_rows(R, r_pad, C, CH, POT, OUT, SOFT, LSE, ROW_PTR, COLS, c_pad, pid, nprog, scale, l2e, inv_eps,
+def _update_rows(R, r_pad, C, CH, POT, OUT, SOFT, LSE, ROW_PTR, COLS, ORDER, c_pad, pid, nprog, scale, l2e, inv_eps,
                  inv_scale, lam, omega, update, write_soft, guess, first, exact_above, SPARSE: tl.constexpr,
                  BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SEG: tl.constexpr,
                  FTZ: tl.constexpr):
     """One half-iteration, this program's row tiles: soft = softmin over the columns C (all, or
-    with SPARSE the row block's column blocks in the CSR list ROW_PTR, COLS; weights CH + POT / eps);
+    with SPARSE the row block's column blocks in the CSR list ROW_PTR, COLS, the tiles taken in
+    the order ORDER; weights CH + POT / eps);
     SOFT <- soft if write_soft; OUT <- OUT + omega (lam soft - OUT) if update.
     Each row tile is centred on its first point (_lse_rows' CENTRED). LSE keeps each row's
     log2-sum. With `guess`, the sums are scaled by a guess of it instead of a running maximum
@@ -238,7 +242,10 @@ def _update_rows(R, r_pad, C, CH, POT, OUT, SOFT, LSE, ROW_PTR, COLS, c_pad, pid
     (squared distance from its origin to its farthest row), so tiles with r2 / eps over
     `exact_above` take exact differences (needs_exact). On a street cloud's 32-row tiles at
     eps 1e-3 that is 18-43% of them; one far-flung tile had made a whole problem exact."""
-    for tile in range(pid, r_pad // BLOCK_M, nprog):
+    for i in range(pid, r_pad // BLOCK_M, nprog):
+        tile = i
+        if SPARSE:                                   # tiles dealt out by their work (balanced_order)
+            tile = tl.load(ORDER + i)
         rows, c0, c1, c2, x0, x1, x2 = _rows(R, r_pad, tile, BLOCK_M)
         exact = tl.max(tl.max(x0 * x0 + x1 * x1 + x2 * x2, axis=1), axis=0) * inv_eps > exact_above
         rows, x0, x1, x2 = rows[None, :, :], x0[None, :, :], x1[None, :, :], x2[None, :, :]   # [1, BLOCK_M, 1]
@@ -296,8 +303,8 @@ def _grid_barrier(SYNC, target):
 
 
 @triton.jit
-def _iterations_kernel(X, HX, F, Y, HY, G, FSOFT, LSE_X, LSE_Y, SYNC, PTR_XY, COLS_XY, PTR_YX, COLS_YX,
-                       n_pad, m_pad, k, scale, l2e, inv_eps, inv_scale, lam, omega, exact_above,
+def _iterations_kernel(X, HX, F, Y, HY, G, FSOFT, LSE_X, LSE_Y, SYNC, PTR_XY, COLS_XY, ORDER_X, PTR_YX, COLS_YX,
+                       ORDER_Y, n_pad, m_pad, k, scale, l2e, inv_eps, inv_scale, lam, omega, exact_above,
                        SPARSE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                        SEG: tl.constexpr, FTZ: tl.constexpr, GUESS: tl.constexpr):
     """k relaxed alternating iterations in one launch (`sinkhorn.iterations`), dense or over block
@@ -308,11 +315,11 @@ def _iterations_kernel(X, HX, F, Y, HY, G, FSOFT, LSE_X, LSE_Y, SYNC, PTR_XY, CO
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     for it in range(k):
-        _update_rows(Y, m_pad, X, HX, F, G, G, LSE_Y, PTR_YX, COLS_YX, n_pad, pid, nprog, scale, l2e, inv_eps,
+        _update_rows(Y, m_pad, X, HX, F, G, G, LSE_Y, PTR_YX, COLS_YX, ORDER_Y, n_pad, pid, nprog, scale, l2e, inv_eps,
                      inv_scale, lam, omega, True, False, GUESS, it == 0, exact_above, SPARSE, BLOCK, BLOCK_M,
                      BLOCK_N, SEG, FTZ)
         _grid_barrier(SYNC, (2 * it + 1) * nprog)
-        _update_rows(X, n_pad, Y, HY, G, F, FSOFT, LSE_X, PTR_XY, COLS_XY, m_pad, pid, nprog, scale, l2e, inv_eps,
+        _update_rows(X, n_pad, Y, HY, G, F, FSOFT, LSE_X, PTR_XY, COLS_XY, ORDER_X, m_pad, pid, nprog, scale, l2e, inv_eps,
                      inv_scale, lam, omega, it != k - 1, it == k - 1, GUESS, it == 0, exact_above, SPARSE,
                      BLOCK, BLOCK_M, BLOCK_N, SEG, FTZ)
         _grid_barrier(SYNC, (2 * it + 2) * nprog)
@@ -407,28 +414,49 @@ def needs_exact(extent2: float, eps: float) -> bool:
     return extent2 / eps > EXACT_ABOVE
 
 
-_COLUMNS: dict = {}    # (id(y), block) -> (weak reference to y, y._version, captured, column_blocks(y))
+_CACHE: dict = {}    # (id(t), tag) -> (weak reference to t, t._version, captured, value)
+
+
+def _cached(t: torch.Tensor, tag, compute):
+    """compute(), cached per tensor t (and tag): a solve's points and block pairs stay the same
+    over its iterations (a tensor changed in place, or freed and replaced, misses). While a CUDA
+    graph is captured only what was computed in the capture is reused: its replays read static
+    buffers refilled in between."""
+    captured = t.is_cuda and torch.cuda.is_current_stream_capturing()
+    key = (id(t), tag)
+    hit = _CACHE.get(key)
+    if hit is not None and hit[0]() is t and hit[1] == t._version and hit[2] == captured:
+        return hit[3]
+    out = compute()
+    for k in [k for k, v in _CACHE.items() if v[0]() is None]:
+        del _CACHE[k]
+    _CACHE[key] = (weakref.ref(t), t._version, captured, out)
+    return out
 
 
 def column_blocks(y: torch.Tensor, block: int):
-    """(y - d (3, m), |y - d|^2 (m,), d (3, blocks)): each block of points centred on its first.
+    """(y - d (3, m), |y - d|^2 (m,), d (3, blocks)): each block of points centred on its first
+    (cached per point tensor)."""
+    def compute():
+        yb = y.reshape(3, -1, block)
+        d = yb[:, :, :1]
+        yc = (yb - d).reshape(3, -1).contiguous()
+        return yc, (yc * yc).sum(0), d[:, :, 0].contiguous()
+    return _cached(y, ("columns", block), compute)
 
-    Cached per point tensor: a solve's points stay the same over its iterations (a tensor
-    changed in place, or freed and replaced, misses). While a CUDA graph is captured only what
-    was computed in the capture is reused: its replays read static buffers refilled in between."""
-    captured = y.is_cuda and torch.cuda.is_current_stream_capturing()
-    key = (id(y), block)
-    hit = _COLUMNS.get(key)
-    if hit is not None and hit[0]() is y and hit[1] == y._version and hit[2] == captured:
-        return hit[3]
-    yb = y.reshape(3, -1, block)
-    d = yb[:, :, :1]
-    yc = (yb - d).reshape(3, -1).contiguous()
-    out = (yc, (yc * yc).sum(0), d[:, :, 0].contiguous())
-    for k in [k for k, v in _COLUMNS.items() if v[0]() is None]:
-        del _COLUMNS[k]
-    _COLUMNS[key] = (weakref.ref(y), y._version, captured, out)
-    return out
+
+def balanced_order(row_ptr: torch.Tensor, tiles_per_block: int, programs: int) -> torch.Tensor:
+    """The row tiles of a CSR block-pair list in an order whose round-robin share-out over
+    `programs` evens their work (a program waits for the slowest at every barrier): by column
+    blocks, descending, every other round reversed. A street scene's rows dealt out in storage
+    order gave the busiest program 1.245x the mean work (cached per row_ptr)."""
+    def compute():
+        work = (row_ptr[1:] - row_ptr[:-1]).repeat_interleave(tiles_per_block)
+        order = torch.argsort(work, descending=True, stable=True).int()
+        rounds = order[: len(order) // programs * programs].view(-1, programs)
+        rounds[1::2] = rounds[1::2].flip(1)
+        return order
+    return _cached(row_ptr, ("order", tiles_per_block, programs), compute)
 
 
 def _check(x, y, h, block):
@@ -481,8 +509,8 @@ def iterations_triton(x, y, hx, hy, f, g, eps: float, lam: float, omega: float, 
 
     The programs wait for each other between half-iterations, so all must be resident at once:
     one per multiprocessor on the GPU, and a single program under Triton's interpreter, which
-    runs them in turn. A program takes a whole multiprocessor's registers (ptxas: 255 a thread,
-    some spilled, in the default configuration), so two of these launches running at once on
+    runs them in turn. A program takes a whole multiprocessor's registers (ptxas: 254 a thread
+    in the default configuration), so two of these launches running at once on
     two streams could each hold SMs the other waits for: solve from one thread, or one stream,
     at a time (as the node does)."""
     _check(x, y, hy, block)
@@ -497,11 +525,16 @@ def iterations_triton(x, y, hx, hy, f, g, eps: float, lam: float, omega: float, 
     f, g = f.clone(), g.clone()
     f_soft, lse_x, lse_y = torch.empty_like(f), torch.empty_like(f), torch.empty_like(g)
     sync = torch.zeros(1, device=x.device, dtype=torch.int32)
-    (ptr_xy, cols_xy), (ptr_yx, cols_yx) = pairs if pairs is not None else ((sync, sync), (sync, sync))
-    _iterations_kernel[(programs,)](x, hx, f, y, hy, g, f_soft, lse_x, lse_y, sync, ptr_xy, cols_xy, ptr_yx,
-                                    cols_yx, n_pad, m_pad, k, LOG2E / eps, LOG2E, 1.0 / eps, eps / LOG2E, lam,
-                                    omega, min(exact_above, 1e30), SPARSE=pairs is not None, BLOCK=block, BLOCK_M=bm, BLOCK_N=bn, SEG=seg,
-                                    FTZ=x.is_cuda, GUESS=guess, num_warps=warps)
+    if pairs is not None:
+        (ptr_xy, cols_xy), (ptr_yx, cols_yx) = pairs
+        order_x, order_y = (balanced_order(p, block // bm, programs) for p in (ptr_xy, ptr_yx))
+    else:
+        ptr_xy = cols_xy = order_x = ptr_yx = cols_yx = order_y = sync
+    _iterations_kernel[(programs,)](x, hx, f, y, hy, g, f_soft, lse_x, lse_y, sync, ptr_xy, cols_xy, order_x,
+                                    ptr_yx, cols_yx, order_y, n_pad, m_pad, k, LOG2E / eps, LOG2E, 1.0 / eps,
+                                    eps / LOG2E, lam, omega, min(exact_above, 1e30), SPARSE=pairs is not None,
+                                    BLOCK=block, BLOCK_M=bm, BLOCK_N=bn, SEG=seg, FTZ=x.is_cuda, GUESS=guess,
+                                    num_warps=warps)
     return f, g, f_soft
 
 
