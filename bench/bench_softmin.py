@@ -220,7 +220,7 @@ def one_launch(x, y, eps, k=100, cfg=None):
     lx = torch.full((n,), -float(torch.log(torch.tensor(float(n)))), device="cuda")
     ly = torch.full((m,), -float(torch.log(torch.tensor(float(m)))), device="cuda")
     f, g = torch.zeros(n, device="cuda"), torch.zeros(m, device="cuda")
-    run = lambda: iterations_triton(x, y, lx, ly, f, g, eps, 0.9, 1.6, k, 128, (False, False), config=cfg)  # noqa: E731
+    run = lambda: iterations_triton(x, y, lx, ly, f, g, eps, 0.9, 1.6, k, 128, config=cfg)  # noqa: E731
     return time_iteration(run, 3, 30) / k
 
 
