@@ -240,8 +240,8 @@ def _update_rows(R, r_pad, C, CH, POT, OUT, SOFT, LSE, ROW_PTR, COLS, ORDER, c_p
     left [2^-100, 2^100] (a guess ~70 eps off) is redone, in the exact form.
     Each tile chooses its cost form: the 3-FMA form's rounding grows with the tile's radius r
     (squared distance from its origin to its farthest row), so tiles with r2 / eps over
-    `exact_above` take exact differences (needs_exact). On a street cloud's 32-row tiles at
-    eps 1e-3 that is 18-43% of them; one far-flung tile had made a whole problem exact."""
+    `exact_above` take exact differences (needs_exact). On a street scene's 32-row tiles at
+    eps 1e-3 that is 13-32% of them; one far-flung tile had made a whole problem exact."""
     for i in range(pid, r_pad // BLOCK_M, nprog):
         tile = i
         if SPARSE:                                   # tiles dealt out by their work (balanced_order)
@@ -504,15 +504,16 @@ def iterations_triton(x, y, hx, hy, f, g, eps: float, lam: float, omega: float, 
     """k relaxed alternating iterations in one launch; (f, g, f_soft) as `sinkhorn.iterations`
     returns them (f and g are not changed in place). Each row tile takes the exact cost form
     when its squared radius over eps exceeds exact_above (0: every tile; inf: none), the 3-FMA
-    form otherwise (_update_rows). pairs: None (dense) or the block pairs both ways, (CSR x -> y, CSR y -> x). config: (BLOCK_M, BLOCK_N, num_warps, SEG,
-    GUESS) overrides the pinned choice (bench/bench_softmin.py --one-launch-sweep; bench/RESULTS.md).
+    form otherwise (_update_rows). pairs: None (dense) or the block pairs both ways, (CSR x -> y,
+    CSR y -> x). config: (BLOCK_M, BLOCK_N, num_warps, SEG, GUESS) overrides the pinned choice
+    (bench/bench_softmin.py --one-launch-sweep; bench/RESULTS.md).
 
     The programs wait for each other between half-iterations, so all must be resident at once:
     one per multiprocessor on the GPU, and a single program under Triton's interpreter, which
     runs them in turn. A program takes a whole multiprocessor's registers (ptxas: 254 a thread
-    in the default configuration), so two of these launches running at once on
-    two streams could each hold SMs the other waits for: solve from one thread, or one stream,
-    at a time (as the node does)."""
+    in the default configuration), so two of these launches running at once on two streams
+    could each hold SMs the other waits for: solve from one thread, or one stream, at a time
+    (as the node does)."""
     _check(x, y, hy, block)
     n_pad, m_pad = x.shape[1], y.shape[1]
     bm, bn, warps, seg, guess = config or (min(32, block), min(32, block), 8, 8, True)
