@@ -110,15 +110,22 @@ def _tile_origin(COLS, start, t, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, SPA
 
 
 @triton.jit
+def _block_range(ROW_PTR, row, m_pad, BLOCK: tl.constexpr, SPARSE: tl.constexpr):
+    """(first pair, number of column blocks) of the row block holding `row`: its CSR range, or
+    every column block when dense."""
+    if SPARSE:
+        start = tl.load(ROW_PTR + row // BLOCK)
+        return start, tl.load(ROW_PTR + row // BLOCK + 1) - start
+    else:
+        return 0, m_pad // BLOCK
+
+
+@triton.jit
 def _tile_count(ROW_PTR, pid, m_pad, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
                 BLOCK_N: tl.constexpr, SPARSE: tl.constexpr):
-    """(first pair, number of column tiles) for this program's row block."""
-    if SPARSE:
-        blk = (pid * BLOCK_M) // BLOCK
-        start = tl.load(ROW_PTR + blk)
-        return start, (tl.load(ROW_PTR + blk + 1) - start) * (BLOCK // BLOCK_N)
-    else:
-        return 0, m_pad // BLOCK_N
+    """(first pair, number of column tiles) for this program's row tile."""
+    start, blocks = _block_range(ROW_PTR, pid * BLOCK_M, m_pad, BLOCK, SPARSE)
+    return start, blocks * (BLOCK // BLOCK_N)
 
 
 @triton.jit
@@ -209,11 +216,7 @@ def _softmin_kernel(X, YC, YY, D, H, G, M, L, ROW_PTR, COLS, n_pad, m_pad, scale
     x0 = tl.load(X + rows)
     x1 = tl.load(X + n_pad + rows)
     x2 = tl.load(X + 2 * n_pad + rows)
-    if SPARSE:
-        first = tl.load(ROW_PTR + (pid * BLOCK_M) // BLOCK)
-        count = tl.load(ROW_PTR + (pid * BLOCK_M) // BLOCK + 1) - first
-    else:
-        first, count = 0, m_pad // BLOCK
+    first, count = _block_range(ROW_PTR, pid * BLOCK_M, m_pad, BLOCK, SPARSE)
     share = tl.cdiv(count, SPLIT)
     lo = part * share
     hi = tl.minimum(lo + share, count)
@@ -249,11 +252,7 @@ def _update_rows(R, r_pad, C, CH, POT, OUT, SOFT, LSE, ROW_PTR, COLS, ORDER, c_p
         rows, c0, c1, c2, x0, x1, x2 = _rows(R, r_pad, tile, BLOCK_M)
         exact = tl.max(tl.max(x0 * x0 + x1 * x1 + x2 * x2, axis=1), axis=0) * inv_eps > exact_above
         rows, x0, x1, x2 = rows[None, :, :], x0[None, :, :], x1[None, :, :], x2[None, :, :]   # [1, BLOCK_M, 1]
-        if SPARSE:
-            start = tl.load(ROW_PTR + (tile * BLOCK_M) // BLOCK)
-            count = tl.load(ROW_PTR + (tile * BLOCK_M) // BLOCK + 1) - start
-        else:
-            start, count = 0, c_pad // BLOCK
+        start, count = _block_range(ROW_PTR, tile * BLOCK_M, c_pad, BLOCK, SPARSE)
         m_i = tl.zeros([BLOCK_M, 1], tl.float32)
         l_i = tl.zeros([BLOCK_M, 1], tl.float32)
         redo = 1
