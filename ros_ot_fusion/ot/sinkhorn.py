@@ -82,20 +82,21 @@ class Problem:
             self.__dict__[name] = pair_costs(a.pts, b.pts, pairs, a.block)
         return self.__dict__[name]
 
-    def softmin_x(self, g: torch.Tensor, eps: float) -> torch.Tensor:
-        """softmin over j of (C_ij - g_j - eps log b_j), for every x_i (padded)."""
+    def softmin_x(self, g: torch.Tensor, eps: float, guess: torch.Tensor | None = None) -> torch.Tensor:
+        """softmin over j of (C_ij - g_j - eps log b_j), for every x_i (padded). guess: of each
+        row's soft-min (torch backend: scales the sums, see softmin_torch)."""
         if self.lists_xy is not None:
             return softmin_lists(self.x.pts, self.y.pts, self.y.logw + g / eps, eps, self.lists_xy, self.backend)
         return softmin(self.x.pts, self.y.pts, self.y.logw + g / eps, eps, self.pairs_xy,
                        self.x.block, self.backend, needs_exact(self.y.extent2, eps),
-                       self._costs("_costs_xy", self.x, self.y, self.pairs_xy))
+                       self._costs("_costs_xy", self.x, self.y, self.pairs_xy), _lse_guess(guess, eps))
 
-    def softmin_y(self, f: torch.Tensor, eps: float) -> torch.Tensor:
+    def softmin_y(self, f: torch.Tensor, eps: float, guess: torch.Tensor | None = None) -> torch.Tensor:
         if self.lists_yx is not None:
             return softmin_lists(self.y.pts, self.x.pts, self.x.logw + f / eps, eps, self.lists_yx, self.backend)
         return softmin(self.y.pts, self.x.pts, self.x.logw + f / eps, eps, self.pairs_yx,
                        self.y.block, self.backend, needs_exact(self.x.extent2, eps),
-                       self._costs("_costs_yx", self.y, self.x, self.pairs_yx))
+                       self._costs("_costs_yx", self.y, self.x, self.pairs_yx), _lse_guess(guess, eps))
 
     def relaxed_x(self, g: torch.Tensor, f: torch.Tensor, eps: float, lam: float, omega: float):
         """(softmin_x(g), f + omega (lam softmin_x(g) - f)): a relaxed row update (Triton: the
@@ -107,14 +108,19 @@ class Problem:
         return self._relaxed(self.y, self.x, self.pairs_yx, self.lists_yx, self.softmin_y, f, g, eps, lam, omega)
 
     def _relaxed(self, rows: Layout, cols: Layout, pairs, lists, plain, pot, prev, eps, lam, omega):
-        if self.backend != "triton":
-            soft = plain(pot, eps)
+        if self.backend != "triton":     # the rows' own potentials guess their soft-mins
+            soft = plain(pot, eps, prev / lam)
             return soft, relax(prev, lam * soft, omega)
         if lists is not None:
             return softmin_lists(rows.pts, cols.pts, cols.logw, eps, lists, "triton", pot=pot,
                                  relax=(prev, lam, omega))
         return softmin_triton(rows.pts, cols.pts, cols.logw, eps, pairs, rows.block,
                               needs_exact(cols.extent2, eps), pot=pot, relax=(prev, lam, omega))
+
+
+def _lse_guess(soft: torch.Tensor | None, eps: float) -> torch.Tensor | None:
+    """A guessed soft-min as the log-sum it stands for (soft = -eps lse)."""
+    return None if soft is None else soft / -eps
 
 
 def marginal_error(problem: Problem, f: torch.Tensor, f_soft: torch.Tensor, eps: float,
