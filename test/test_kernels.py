@@ -89,6 +89,28 @@ def test_softmin_matches_float64(eps, sparse):
             assert err < bound, (fn.__name__, exact, err, bound)
 
 
+@pytest.mark.parametrize("sparse", [False, True])
+def test_torch_softmin_scaled_by_a_guess_matches_float64(sparse):
+    """The torch soft-min scaled by guessed log-sums: right whatever the guess, since row blocks
+    whose sums left range are redone (guesses 0-1000 off, inf, NaN; an unchecked guess 60 off
+    would overflow or lose the row)."""
+    block, eps = 64, 1e-2
+    x, _ = laid_out(192, 1, block)
+    y, _ = laid_out(256, 2, block)
+    h = torch.randn(256, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    h[-7:] = -torch.inf
+    pairs = random_pairs(3, 4, 4) if sparse else None
+    want, _ = reference(x, y, h, eps, pairs, block)
+    lse = (want / -eps).to(DEVICE)
+    gen = torch.Generator().manual_seed(5)
+    for off in (0.0, 5.0, 60.0, 1000.0):
+        guess = lse + off * torch.randn(192, generator=gen, dtype=lse.dtype).to(DEVICE)
+        guess[-1] = (torch.nan, torch.inf, -torch.inf, 0.0)[int(off) % 4]
+        got = softmin_torch(x, y, h, eps, pairs, block, guess=guess.float()).double().cpu()
+        err = ((got - want).abs() / eps).max().item()
+        assert err < 1e-4, (off, err)     # float32 rounding of C / eps, as in the exact test
+
+
 def test_expanded_form_needs_centring_to_be_exact():
     """The reason for centring: un-centred, metre-scale coordinates lose the cost entirely."""
     assert needs_exact(extent2=1.0, eps=1e-4) and not needs_exact(extent2=0.01, eps=1e-3)
