@@ -663,18 +663,29 @@ def _exact_lse(h, eps, block, costs, nb):
 
 
 def barycenter_torch(x, y, h, eps: float, v, pairs=None, block: int = 128):
+    """One pass over the pairs, chunk by chunk: each pair's terms scaled by their row's largest
+    in the pair, its sums (of the terms, of v and of the cost) merged into per-row sums on a
+    running scale (computing the log-sums first took a second pass of exponentials)."""
     _check(x, y, h, block)
     nb, k = x.shape[1] // block, v.shape[1]
-    costs = pair_costs(x, y, pairs, block)
-    lse = (softmin_torch(x, y, h, eps, pairs, block, costs=costs) / -eps).reshape(nb, block)
     vb = v.reshape(-1, block, k)
+    top = torch.full((nb, block), -torch.inf, dtype=x.dtype, device=x.device)
+    total, mean_c = torch.zeros_like(top), torch.zeros_like(top)
     mean_v = torch.zeros(nb, block, k, dtype=x.dtype, device=x.device)
-    mean_c = torch.zeros(nb, block, dtype=x.dtype, device=x.device)
-    for r, c, cost in costs:
-        p = torch.exp(_logits(h, c, cost, eps, block) - lse[r][:, :, None])   # plan rows, normalised
-        mean_v.index_add_(0, r, torch.bmm(p, vb[c]))
-        mean_c.index_add_(0, r, (p * cost).sum(-1))
-    return lse.reshape(-1), mean_v.reshape(-1, k), mean_c.reshape(-1)
+    for r, c, cost in pair_costs(x, y, pairs, block):
+        logits = _logits(h, c, cost, eps, block)
+        peak = logits.amax(-1)
+        peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
+        p = logits.sub_(peak[..., None]).clamp_min_(-80.0).exp_()     # (denormals are slow)
+        new_top = top.scatter_reduce(0, r[:, None].expand_as(peak), peak, "amax")
+        old = torch.where(torch.isfinite(top), torch.exp(top - new_top), torch.zeros_like(top))
+        w = torch.exp(peak - new_top[r])                              # each pair's scale in its row's
+        total.mul_(old).index_add_(0, r, w * p.sum(-1))
+        mean_c.mul_(old).index_add_(0, r, w * (p * cost).sum(-1))
+        mean_v.mul_(old[..., None]).index_add_(0, r, w[..., None] * torch.bmm(p, vb[c]))
+        top = new_top
+    return ((top + torch.log(total)).reshape(-1), (mean_v / total[..., None]).reshape(-1, k),
+            (mean_c / total).reshape(-1))
 
 
 def softmin(x, y, h, eps, pairs=None, block=128, backend="torch", exact=True, costs=None, guess=None):

@@ -117,7 +117,9 @@ def test_expanded_form_needs_centring_to_be_exact():
 
 
 @pytest.mark.parametrize("sparse", [False, True])
-def test_barycenter_matches_float64_plan(sparse):
+def test_barycenter_matches_float64_plan(sparse, monkeypatch):
+    """Both backends; the torch one also a pair at a time (its running merge across chunks)."""
+    import ros_ot_fusion.kernels.softmin as sm
     block, eps = 64, 0.01
     x, _ = laid_out(128, 5, block)
     y, _ = laid_out(192, 6, block)
@@ -127,7 +129,11 @@ def test_barycenter_matches_float64_plan(sparse):
     _, logits = reference(x, y, h, eps, pairs, block)
     plan = torch.softmax(logits, 1)
     cost = ((x.double().t().cpu()[:, None] - y.double().t().cpu()[None]) ** 2).sum(-1)
-    for fn in (barycenter_triton, barycenter_torch):
+    one_pair = lambda x, y, pairs, block, chunk=None: pair_costs(x, y, pairs, block, block * block)  # noqa: E731
+    pair_costs = sm.pair_costs
+    for fn, chunked in ((barycenter_triton, False), (barycenter_torch, False), (barycenter_torch, True)):
+        if chunked:
+            monkeypatch.setattr(sm, "pair_costs", one_pair)
         lse, mean_v, mean_c = (t.double().cpu() for t in fn(x, y, h, eps, v, pairs, block))
         torch.testing.assert_close(lse, torch.logsumexp(logits, 1), rtol=0, atol=1e-3)
         torch.testing.assert_close(mean_v, plan @ v.double().cpu(), rtol=0, atol=1e-4)
