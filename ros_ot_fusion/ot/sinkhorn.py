@@ -314,8 +314,8 @@ def _weights(w, n, device, name):
 
 # dense solves of more point pairs Morton-sort their points: compact row tiles can take the 3-FMA
 # cost form, which paid for the sort from 16384^2 (100 iterations on an H200, points in random
-# order: 27.0 against 29.4 ms); at 4096^2 the sort's ~0.5 ms of launches made solves 3.6-4.1 ms
-# against 2.9-3.1 unsorted (bench/RESULTS.md)
+# order: 27.0 against 29.4 ms); at 4096^2 the sort's launches (0.5-1 ms a layout) made solves
+# 3.6-4.1 ms against 2.9-3.1 unsorted (bench/RESULTS.md)
 SORT_ABOVE = 8192 * 8192
 
 
