@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from ros_ot_fusion.ot import multiscale, sinkhorn
+from ros_ot_fusion.ot.layout import Layout
 from ros_ot_fusion.ot.multiscale import MultiscaleSinkhorn, block_pairs, cluster, pyramid, voxel_keys
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -61,15 +62,16 @@ def test_pruned_block_pairs_hold_only_negligible_entries():
     x, y = sheet(600, 3), sheet(700, 4, (0.02, 0.01, 0))
     eps, tau = 0.003, 10.0
     ref = sinkhorn(x, y, eps=eps, tol=1e-5, block=16, backend="torch")
-    X, Y = ref.problem.x, ref.problem.y
-    (row_ptr, cols), _, frac = block_pairs(X, Y, ref.f_pad, ref.g_pad, eps, 1.0, tau)
+    X, Y = Layout.build(x, None, 16), Layout.build(y, None, 16)      # Morton-sorted blocks
+    f_pad, g_pad = X.pad(ref.f), Y.pad(ref.g)
+    (row_ptr, cols), _, frac = block_pairs(X, Y, f_pad, g_pad, eps, 1.0, tau)
     assert frac < 0.5
     kept = torch.zeros(X.n_pad // 16, Y.n_pad // 16, dtype=torch.bool, device=DEVICE)
     for i in range(len(row_ptr) - 1):
         kept[i, cols[row_ptr[i]:row_ptr[i + 1]].long()] = True
     kept = kept.repeat_interleave(16, 0).repeat_interleave(16, 1)
     C = ((X.pts.t()[:, None].double() - Y.pts.t()[None].double()) ** 2).sum(-1)
-    rel = Y.logw[None].double() + (ref.f_pad[:, None].double() + ref.g_pad[None].double() - C) / eps
+    rel = Y.logw[None].double() + (f_pad[:, None].double() + g_pad[None].double() - C) / eps
     assert rel[~kept].max().item() < -tau                      # nothing that matters was dropped
 
 
@@ -168,7 +170,6 @@ def test_transfer_onto_the_solved_rows_reproduces_the_plan(backend, dense_pairs,
 def test_softmin_bound_bounds_the_soft_min_from_above_and_closely():
     """softmin_bound against the float64 soft-min over all columns, for rows on the columns'
     surface, off it, and far from it (blocks of 16 as on the CPU): never below it, mostly close."""
-    from ros_ot_fusion.ot.layout import Layout
     from ros_ot_fusion.ot.multiscale import softmin_bound
 
     eps = 0.0025
