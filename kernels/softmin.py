@@ -615,12 +615,19 @@ def _segment_logsumexp(rows, values, n_blocks):
     return safe + torch.log(total)
 
 
-def _row_logsumexp(logits):
-    """logsumexp over the last axis, in place. Terms under e^-80 of the peak are raised to it:
-    a denormal result makes a CPU exp ~10x slower, and B * e^-80 is far below float32 rounding."""
+def _scaled_exp(logits):
+    """(exp(logits - peak), peak) with peak the maximum over the last axis, in place. Terms under
+    e^-80 of the peak are raised to it: a denormal result makes a CPU exp ~10x slower, and
+    B * e^-80 is far below float32 rounding."""
     peak = logits.amax(-1, keepdim=True)
     peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
-    return logits.sub_(peak).clamp_min_(-80.0).exp_().sum(-1).log_().add_(peak[..., 0])
+    return logits.sub_(peak).clamp_min_(-80.0).exp_(), peak[..., 0]
+
+
+def _row_logsumexp(logits):
+    """logsumexp over the last axis, in place."""
+    p, peak = _scaled_exp(logits)
+    return p.sum(-1).log_().add_(peak)
 
 
 GUESS_RANGE = (-40.0, 80.0)   # log-sums of terms scaled by a guess that are kept (softmin_torch)
@@ -673,10 +680,7 @@ def barycenter_torch(x, y, h, eps: float, v, pairs=None, block: int = 128):
     total, mean_c = torch.zeros_like(top), torch.zeros_like(top)
     mean_v = torch.zeros(nb, block, k, dtype=x.dtype, device=x.device)
     for r, c, cost in pair_costs(x, y, pairs, block):
-        logits = _logits(h, c, cost, eps, block)
-        peak = logits.amax(-1)
-        peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
-        p = logits.sub_(peak[..., None]).clamp_min_(-80.0).exp_()     # (denormals are slow)
+        p, peak = _scaled_exp(_logits(h, c, cost, eps, block))
         new_top = top.scatter_reduce(0, r[:, None].expand_as(peak), peak, "amax")
         old = torch.where(torch.isfinite(top), torch.exp(top - new_top), torch.zeros_like(top))
         w = torch.exp(peak - new_top[r])                              # each pair's scale in its row's
